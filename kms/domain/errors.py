@@ -48,3 +48,7 @@ class HsmUnavailable(KmsError):
 
 class HsmFailure(KmsError):
     """The HSM refused an operation in a way a retry will not fix (missing key, wrong mechanism)."""
+
+
+class Unauthenticated(KmsError):
+    """The caller presented no usable identity."""

@@ -1,0 +1,25 @@
+"""Who is calling: the identity authenticated by the transport, and its role."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.Enum):
+    BUILD_SERVER = "build-server"
+    DISTRIBUTION_SERVER = "distribution-server"
+    FACTORY_REGISTRAR = "factory-registrar"
+    SECURITY_OFFICER = "security-officer"
+    AUDITOR = "auditor"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller. ``identity`` is recorded with every key use (the certificate's URI SAN)."""
+
+    identity: str
+    role: Role
+
+    def __str__(self) -> str:
+        return self.identity

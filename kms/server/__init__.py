@@ -1,0 +1,1 @@
+"""The gRPC edge: configuration, authentication, servicers, error mapping and the process entry point."""

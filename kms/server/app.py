@@ -1,0 +1,164 @@
+"""The composition root: the one place where adapters, use cases and servicers are wired together.
+
+``open_components`` opens the HSM and the database; ``KmsServer`` builds the gRPC server with mutual TLS,
+limits, the authorization interceptor, health and reflection; ``serve`` runs it until SIGTERM or SIGINT and
+shuts down gracefully (health goes NOT_SERVING, new calls are refused, in-flight calls get the grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kms.hsm.config import HsmConfig
+from kms.hsm.pkcs11_hsm import Pkcs11Hsm
+from kms.server.auth import AuthorizationInterceptor
+from kms.server.config import Config
+from kms.server.health import HsmHealth
+from kms.server.servicers import KeyServicer, SigningServicer
+from kms.service.signing import SigningService
+from kms.store.blobs import BlobStore
+from kms.store.database import Database
+from kms.store.keys import SqliteKeyRepository
+from kms.store.releases import SqliteReleaseRepository
+from kms.store.signature_log import SqliteSignatureLog
+from kmsapi.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+
+log = logging.getLogger("kms.server")
+
+SERVICE_NAMES = (
+    signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+)
+
+
+@dataclass
+class Components:
+    hsm: Pkcs11Hsm
+    database: Database
+    keys: SqliteKeyRepository
+    releases: SqliteReleaseRepository
+    signature_log: SqliteSignatureLog
+
+    def close(self) -> None:
+        self.signature_log.close()
+        self.database.close()
+        self.hsm.close()
+
+
+def open_hsm(config: Config) -> Pkcs11Hsm:
+    if config.softhsm2_conf is not None:
+        os.environ["SOFTHSM2_CONF"] = str(config.softhsm2_conf)
+    hsm = Pkcs11Hsm(HsmConfig.from_uri(config.hsm_uri))
+    hsm.open()
+    return hsm
+
+
+def open_components(config: Config) -> Components:
+    hsm = open_hsm(config)
+    try:
+        database = Database.open(config.database)
+    except BaseException:
+        hsm.close()
+        raise
+    return Components(
+        hsm=hsm,
+        database=database,
+        keys=SqliteKeyRepository(database),
+        releases=SqliteReleaseRepository(database, BlobStore(config.releases)),
+        signature_log=SqliteSignatureLog(database),
+    )
+
+
+def _server_options(config: Config) -> list[tuple[str, int]]:
+    limit = config.limits.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_concurrent_streams", 100),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.server_handshake_timeout_ms", 10_000),
+        ("grpc.max_connection_idle_ms", 15 * 60_000),
+        ("grpc.max_connection_age_ms", 60 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+    ]
+
+
+class KmsServer:
+    def __init__(self, config: Config, components: Components) -> None:
+        self.config = config
+        self.components = components
+        limits = config.limits
+        self.signing = SigningService(
+            components.hsm,
+            components.keys,
+            components.releases,
+            components.signature_log,
+            max_image_size=limits.max_image_bytes,
+        )
+        self.health = HsmHealth(components.hsm.is_available, SERVICE_NAMES, limits.health_probe_seconds)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rpc"),
+            interceptors=[AuthorizationInterceptor()],
+            options=_server_options(config),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+        signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(self.signing), self.server)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.signing), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=config.tls_client_ca.read_bytes(),
+            require_client_auth=True,
+        )
+        self.port = self.server.add_secure_port(config.listen, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+
+    def start(self) -> None:
+        self.health.start()
+        self.server.start()
+
+    def stop(self) -> None:
+        """Graceful: NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
+        self.health.shutdown()
+        self.server.stop(self.config.limits.shutdown_grace_seconds).wait()
+        self.components.close()
+
+
+def serve(config: Config, ready_file: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT. Prints the bound port; writes it to ``ready_file`` once serving."""
+    server = KmsServer(config, open_components(config))
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down gracefully", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("firmware KMS serving on %s:%d (mutual TLS)", host, server.port)
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(f"{server.port}\n", encoding="ascii")
+        tmp.replace(ready_file)
+    stopping.wait()
+    server.stop()
+    log.info("stopped")

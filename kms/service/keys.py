@@ -1,0 +1,60 @@
+"""Key administration: create keys (issue 4 adds rotation, states and dual control)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from kms.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from kms.domain.keys import (
+    KEY_ID_PATTERN,
+    Algorithm,
+    Key,
+    KeyPurpose,
+    KeyVersion,
+    KeyVersionState,
+    validate_product,
+)
+from kms.domain.ports import Hsm, KeyRepository
+
+SBV2_SLOTS = (0, 1, 2)
+
+
+class KeyAdministration:
+    def __init__(self, hsm: Hsm, keys: KeyRepository, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self._hsm = hsm
+        self._keys = keys
+        self._clock = clock
+
+    def create_key(
+        self, key_id: str, product: str, purpose: KeyPurpose, algorithm: Algorithm, sbv2_slot: int | None
+    ) -> Key:
+        """Generate version 1 inside the HSM and record the key. Nothing is left behind on failure."""
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            raise InvalidArgument(f"malformed key id {key_id!r}: use 1-63 lowercase letters, digits and dashes")
+        validate_product(product)
+        if purpose is KeyPurpose.SECURE_BOOT_V2:
+            if sbv2_slot not in SBV2_SLOTS:
+                raise InvalidArgument("a Secure Boot V2 key needs a signature-block slot: 0, 1 or 2")
+            taken = {k.sbv2_slot for k in self._keys.sbv2_keys(product)}
+            if sbv2_slot in taken:
+                raise AlreadyExists(f"product {product!r} already has a Secure Boot V2 key in slot {sbv2_slot}")
+        elif sbv2_slot is not None:
+            raise InvalidArgument("only Secure Boot V2 keys have a slot")
+        try:
+            self._keys.get_key(key_id)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"key keys/{key_id} already exists")
+
+        pair = self._hsm.generate_key_pair(algorithm, f"{key_id}/1")
+        now = self._clock()
+        version = KeyVersion(key_id, 1, algorithm, KeyVersionState.ENABLED, pair.hsm_id, pair.public_key_der, now)
+        key = Key(key_id, product, purpose, algorithm, sbv2_slot, 1, (version,), now)
+        try:
+            self._keys.add_key(key)
+        except BaseException:
+            self._hsm.destroy_key_pair(pair.hsm_id)
+            raise
+        return key

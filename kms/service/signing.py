@@ -1,0 +1,166 @@
+"""Signing use cases for build servers: sign an ESP app image, sign a digest, read public keys.
+
+Sign an image, step by step (each step may refuse, and nothing is written before the last):
+
+1. Parse and validate the image (``kms.domain.esp_image``): a malformed image is an ``InvalidImage``.
+2. Take the product's Secure Boot V2 keys in slot order, their primary versions, and check them against the
+   chip named in the image header (algorithm and number of key digests the chip holds).
+3. If this exact input was signed for the product by exactly these key versions, return that release
+   (CI retries are idempotent, and no key is used again).
+4. Refuse a secure_version below the product's anti-rollback floor.
+5. Pad, hash and sign once per key in the HSM; verify every signature with the public key; assemble the
+   signature sector.
+6. Store the signed image and commit the release with one key-use record per signature; only then answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from kms.domain import chips, esp_image, sbv2, signatures
+from kms.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from kms.domain.identity import Caller
+from kms.domain.keys import HashAlgorithm, Key, KeyName, KeyVersion, KeyVersionState, validate_product
+from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
+from kms.domain.releases import Release, SignatureRecord
+from kms.domain.signatures import SignatureEncoding
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SignedImage:
+    release: Release
+    reused: bool
+
+
+@dataclass(frozen=True)
+class DigestSignature:
+    key_version: KeyVersion
+    signature: bytes
+    encoding: SignatureEncoding
+
+
+def _enabled(key: Key, number: int | None = None) -> KeyVersion:
+    try:
+        version = key.version(number)
+    except LookupError:
+        raise NotFound(f"key {key.name} has no version {number}") from None
+    if version.state is not KeyVersionState.ENABLED:
+        raise FailedPrecondition(f"key version {version.name} is {version.state.value}; only enabled versions sign")
+    return version
+
+
+class SigningService:
+    def __init__(
+        self,
+        hsm: Hsm,
+        keys: KeyRepository,
+        releases: ReleaseRepository,
+        signature_log: SignatureLog,
+        *,
+        max_image_size: int,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._hsm = hsm
+        self._keys = keys
+        self._releases = releases
+        self._log = signature_log
+        self.max_image_size = max_image_size
+        self._clock = clock
+
+    def sign_image(self, caller: Caller, product: str, image: bytes) -> SignedImage:
+        validate_product(product)
+        app = esp_image.parse_app_image(image, self.max_image_size)
+        keys = self._keys.sbv2_keys(product)
+        if not keys:
+            raise NotFound(
+                f"product {product!r} has no Secure Boot V2 keys; a security officer creates one with "
+                f"'kms keys create --product {product} --purpose secure-boot-v2 ...'"
+            )
+        versions = [_enabled(key) for key in keys]
+        chips.check_sbv2_keys(app.chip, [v.algorithm for v in versions], [v.name for v in versions])
+        version_names = tuple(v.name for v in versions)
+        input_sha256 = hashlib.sha256(image).digest()
+
+        existing = self._releases.find(product, input_sha256, version_names)
+        if existing is not None:
+            return SignedImage(existing, reused=True)
+
+        floor = self._releases.secure_version_floor(product)
+        if floor is not None and app.secure_version < floor:
+            raise FailedPrecondition(
+                f"anti-rollback: image secure_version {app.secure_version} is below product {product!r}'s "
+                f"floor {floor} (the highest secure_version signed so far); build with secure_version >= {floor}"
+            )
+
+        padded = sbv2.pad_image(image)
+        now = self._clock()
+        blocks: list[bytes] = []
+        digests: list[bytes] = []
+        for version in versions:
+            digest = sbv2.image_digest(padded, version.algorithm)
+            raw = self._hsm.sign_digest(version.hsm_id, version.algorithm, digest)
+            signatures.check_signature(version.algorithm, version.public_key_der, digest, raw)
+            blocks.append(sbv2.signature_block(version.algorithm, version.public_key_der, digest, raw))
+            digests.append(digest)
+        signed = padded + sbv2.signature_sector(blocks)
+
+        release = Release(
+            product=product,
+            chip=app.chip.name,
+            version=app.version,
+            secure_version=app.secure_version,
+            project_name=app.project_name,
+            input_sha256=input_sha256,
+            output_sha256=hashlib.sha256(signed).digest(),
+            output_size=len(signed),
+            key_versions=version_names,
+            signed_by=caller.identity,
+            created_at=now,
+        )
+        records = [
+            SignatureRecord(caller.identity, "sign-image", name, digest, release.name, now)
+            for name, digest in zip(version_names, digests, strict=True)
+        ]
+        stored = self._releases.record(release, signed, records)
+        return SignedImage(stored, reused=stored.output_sha256 != release.output_sha256)
+
+    def read_release(self, release: Release, offset: int = 0) -> bytes:
+        return self._releases.read_image(release.output_sha256, offset)
+
+    def sign_digest(
+        self, caller: Caller, name: str, digest: bytes, hash_algorithm: HashAlgorithm, encoding: SignatureEncoding
+    ) -> DigestSignature:
+        key_name = KeyName.parse(name)
+        version = _enabled(self._keys.get_key(key_name.key_id), key_name.version)
+        algorithm = version.algorithm
+        if hash_algorithm is not algorithm.hash or len(digest) != algorithm.hash.size:
+            raise InvalidArgument(
+                f"key {version.name} ({algorithm.value}) signs {algorithm.hash.value} digests of "
+                f"{algorithm.hash.size} bytes; got a {hash_algorithm.value} digest of {len(digest)} bytes"
+            )
+        if encoding is SignatureEncoding.DER and not algorithm.is_ecdsa:
+            raise InvalidArgument(f"DER encoding exists for ECDSA signatures only; {version.name} is {algorithm.value}")
+        raw = self._hsm.sign_digest(version.hsm_id, algorithm, digest)
+        signatures.check_signature(algorithm, version.public_key_der, digest, raw)
+        self._log.append(SignatureRecord(caller.identity, "sign-digest", version.name, digest, digest.hex(), self._clock()))
+        return DigestSignature(version, signatures.encode(algorithm, raw, encoding), encoding)
+
+    def public_key(self, name: str) -> tuple[Key, KeyVersion]:
+        key_name = KeyName.parse(name)
+        key = self._keys.get_key(key_name.key_id)
+        try:
+            return key, key.version(key_name.version)
+        except LookupError:
+            raise NotFound(f"key {key.name} has no version {key_name.version}") from None
+
+    def list_keys(self, product: str | None) -> Sequence[Key]:
+        if product:
+            validate_product(product)
+        return self._keys.list_keys(product or None)
