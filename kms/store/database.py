@@ -377,7 +377,7 @@ class Database:
         """Use ``Database.open``."""
         self._path = path
         self._writer: sqlite_utils.Database | None = writer
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # reentrant only so that nesting is detected, not deadlocked
         self._readers = _ReaderPool(
             lambda: _connect(path, busy_timeout, read_only=True), max_readers, busy_timeout
         )

@@ -183,6 +183,8 @@ def refresh_footer(image: bytes | bytearray) -> bytes:
         (length,) = struct.unpack_from("<I", out, position + 4)
         lengths.append(length)
         position += _SEGMENT_HEADER_SIZE + length
+        if position > len(out):
+            raise ValueError("the declared segments run past the end of the image")
     checksum_offset = position + (15 - position % 16)
     out[checksum_offset] = _checksum(bytes(out[:checksum_offset]), lengths)
     if hash_appended:
@@ -245,8 +247,9 @@ def _checksum(image: bytes, lengths: list[int]) -> int:
     position = _HEADER_SIZE
     for length in lengths:
         start = position + _SEGMENT_HEADER_SIZE
-        value = int.from_bytes(image[start : start + length], "big")
-        width = length
+        data = image[start : start + length]
+        value = int.from_bytes(data, "big")
+        width = len(data)
         while width > 1:
             high = width // 2
             low = width - high
