@@ -52,3 +52,7 @@ class HsmFailure(KmsError):
 
 class Unauthenticated(KmsError):
     """The caller presented no usable identity."""
+
+
+class OutOfRange(KmsError):
+    """A position or range lies outside the object (for example a resume offset past the end)."""

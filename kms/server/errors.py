@@ -29,6 +29,7 @@ STATUS: list[tuple[type[errors.KmsError], grpc.StatusCode]] = [
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (errors.HsmUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.HsmFailure, grpc.StatusCode.FAILED_PRECONDITION),
 ]

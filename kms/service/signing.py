@@ -4,12 +4,13 @@ Sign an image, step by step (each step may refuse, and nothing is written before
 
 1. Parse and validate the image (``kms.domain.esp_image``): a malformed image is an ``InvalidImage``.
 2. Take the product's Secure Boot V2 keys in slot order, their primary versions, and check them against the
-   chip named in the image header (algorithm and number of key digests the chip holds).
+   chip named in the image header (algorithm, number of key digests the chip holds, chip revision, width of
+   the anti-rollback eFuse).
 3. If this exact input was signed for the product by exactly these key versions, return that release
    (CI retries are idempotent, and no key is used again).
 4. Refuse a secure_version below the product's anti-rollback floor.
-5. Pad, hash and sign once per key in the HSM; verify every signature with the public key; assemble the
-   signature sector.
+5. Pad, hash and sign once per key in the HSM; check every block (canonical bytes, valid signature) before
+   assembling the signature sector.
 6. Store the signed image and commit the release with one key-use record per signature; only then answer.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kms.domain import chips, esp_image, sbv2, signatures
-from kms.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, NotFound
 from kms.domain.identity import Caller
 from kms.domain.keys import HashAlgorithm, Key, KeyName, KeyVersion, KeyVersionState, validate_product
 from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
@@ -85,6 +86,8 @@ class SigningService:
             )
         versions = [_enabled(key) for key in keys]
         chips.check_sbv2_keys(app.chip, [v.algorithm for v in versions], [v.name for v in versions])
+        chips.check_sbv2_chip_revision(app.chip, app.min_chip_rev_full)
+        chips.check_secure_version(app.chip, app.secure_version)
         version_names = tuple(v.name for v in versions)
         input_sha256 = hashlib.sha256(image).digest()
 
@@ -106,8 +109,10 @@ class SigningService:
         for version in versions:
             digest = sbv2.image_digest(padded, version.algorithm)
             raw = self._hsm.sign_digest(version.hsm_id, version.algorithm, digest)
-            signatures.check_signature(version.algorithm, version.public_key_der, digest, raw)
-            blocks.append(sbv2.signature_block(version.algorithm, version.public_key_der, digest, raw))
+            block = sbv2.signature_block(version.algorithm, version.public_key_der, digest, raw)
+            if not sbv2.verify_block(block, digest, version.public_key_der):
+                raise HsmFailure(f"the signature by {version.name} does not verify; nothing was released")
+            blocks.append(block)
             digests.append(digest)
         signed = padded + sbv2.signature_sector(blocks)
 

@@ -66,7 +66,7 @@ import sqlite_utils
 from kms.domain.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, KmsError
 
 
-class StorageFailure(KmsError):  # noqa: N818 - named like the domain errors
+class StorageFailure(KmsError):
     """The database or the file store could not be read or written (I/O error, disk full, busy for too
     long, closed). The operation may succeed if retried later."""
 

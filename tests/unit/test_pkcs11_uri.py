@@ -13,7 +13,10 @@ from kms.hsm.uri import ObjectType, Pkcs11Uri, parse_pkcs11_uri
 # lines for display; the URIs themselves have no whitespace.)
 RFC_7512_EXAMPLES = [
     ("pkcs11:", Pkcs11Uri()),
-    ("pkcs11:object=my-pubkey;type=public", Pkcs11Uri(object_label="my-pubkey", object_type=ObjectType.PUBLIC)),
+    (
+        "pkcs11:object=my-pubkey;type=public",
+        Pkcs11Uri(object_label="my-pubkey", object_type=ObjectType.PUBLIC),
+    ),
     (
         "pkcs11:object=my-key;type=private?pin-source=file:/etc/token",
         Pkcs11Uri(object_label="my-key", object_type=ObjectType.PRIVATE, pin_source="file:/etc/token"),
@@ -45,7 +48,9 @@ RFC_7512_EXAMPLES = [
     (
         "pkcs11:token=Software%20PKCS%2311%20softtoken;manufacturer=Snake%20Oil,%20Inc.?pin-value=the-pin",
         Pkcs11Uri(
-            token_label="Software PKCS#11 softtoken", token_manufacturer="Snake Oil, Inc.", pin_value="the-pin"
+            token_label="Software PKCS#11 softtoken",
+            token_manufacturer="Snake Oil, Inc.",
+            pin_value="the-pin",
         ),
     ),
     ("pkcs11:slot-description=Sun%20Metaslot", Pkcs11Uri(slot_description="Sun Metaslot")),
@@ -69,7 +74,9 @@ RFC_7512_EXAMPLES = [
     (
         "pkcs11:token=A%20name%20with%20a%20substring%20%25%3B;object=my-certificate;type=cert",
         Pkcs11Uri(
-            token_label="A name with a substring %;", object_label="my-certificate", object_type=ObjectType.CERT
+            token_label="A name with a substring %;",
+            object_label="my-certificate",
+            object_type=ObjectType.CERT,
         ),
     ),
     (

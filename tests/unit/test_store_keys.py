@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def test_a_key_id_is_unique(repo: SqliteKeyRepository) -> None:
 
 def test_one_sbv2_key_per_slot_and_product(repo: SqliteKeyRepository) -> None:
     repo.add_key(key("first", slot=1))
-    with pytest.raises(AlreadyExists, match="'thermostat' already has a Secure Boot V2 key in slot 1: keys/first"):
+    with pytest.raises(
+        AlreadyExists, match="'thermostat' already has a Secure Boot V2 key in slot 1: keys/first"
+    ):
         repo.add_key(key("second", slot=1))
     repo.add_key(key("same-slot-elsewhere", product="other", slot=1))
     repo.add_key(key("digest-1", slot=None))
@@ -118,10 +121,12 @@ def test_a_failed_add_key_writes_nothing(repo: SqliteKeyRepository) -> None:
         algorithm=Algorithm.ECDSA_P256_SHA256,
         sbv2_slot=None,
         primary_version=2,
-        versions=(version("reuser", 1), KeyVersion(**{**vars(version("reuser", 2)), "hsm_id": existing.versions[0].hsm_id})),
+        versions=(version("reuser", 1), replace(version("reuser", 2), hsm_id=existing.versions[0].hsm_id)),
         created_at=T0,
     )
-    with pytest.raises(AlreadyExists, match="HSM key pair of keys/reuser/versions/2 already backs keys/existing/versions/1"):
+    with pytest.raises(
+        AlreadyExists, match="HSM key pair of keys/reuser/versions/2 already backs keys/existing/versions/1"
+    ):
         repo.add_key(reused)
     with pytest.raises(NotFound):
         repo.get_key("reuser")
@@ -129,9 +134,9 @@ def test_a_failed_add_key_writes_nothing(repo: SqliteKeyRepository) -> None:
 
 def test_inconsistent_keys_are_refused(repo: SqliteKeyRepository) -> None:
     with pytest.raises(InvalidArgument, match="no version 5"):
-        repo.add_key(Key(**{**vars(key("k")), "primary_version": 5}))
+        repo.add_key(replace(key("k"), primary_version=5))
     with pytest.raises(InvalidArgument, match="must belong to it"):
-        repo.add_key(Key(**{**vars(key("k")), "versions": (version("other"),)}))
+        repo.add_key(replace(key("k"), versions=(version("other"),)))
 
 
 def test_add_version_with_and_without_primary(repo: SqliteKeyRepository) -> None:
