@@ -29,6 +29,13 @@ pytest:
 proto:
 	PATH=$(VENV)/bin:$$PATH bash proto/generate.sh
 
+lock:
+	rm -rf .lockvenv && python3 -m venv .lockvenv
+	.lockvenv/bin/pip install -q ".[dev]"
+	(echo "# Pinned dependencies (runtime + dev) for CI and 'make setup'. Regenerate with 'make lock'."; \
+	 .lockvenv/bin/pip freeze --exclude firmware-kms) > requirements.lock
+	rm -rf .lockvenv
+
 bench: setup
 	$(PY) -m bench.run
 

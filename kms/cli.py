@@ -109,8 +109,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _create_demo_keys(config: Config) -> None:
-    from kms.server.app import open_components  # noqa: PLC0415 - loads PKCS#11 only when needed
-    from kms.service.keys import KeyAdministration  # noqa: PLC0415
+    from kms.server.app import open_components
+    from kms.service.keys import KeyAdministration
 
     components = open_components(config)
     try:
@@ -120,13 +120,13 @@ def _create_demo_keys(config: Config) -> None:
                 components.keys.get_key(key_id)
             except errors.NotFound:
                 admin.create_key(key_id, product, KeyPurpose.SECURE_BOOT_V2, algorithm, slot)
-                print(f"created keys/{key_id} ({algorithm.value}, product {product}, Secure Boot V2 slot {slot})")
+                print(f"created keys/{key_id} ({algorithm.value}, product {product}, SBv2 slot {slot})")
     finally:
         components.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kms.server.app import serve  # noqa: PLC0415 - keeps `kms --help` free of gRPC start-up
+    from kms.server.app import serve
 
     serve(load_config(args.config), args.ready_file)
     return 0
@@ -152,8 +152,8 @@ def _key_json(key: Key) -> dict[str, object]:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from kms.server.app import open_components  # noqa: PLC0415
-    from kms.service.keys import KeyAdministration  # noqa: PLC0415
+    from kms.server.app import open_components
+    from kms.service.keys import KeyAdministration
 
     purpose = KeyPurpose(args.purpose)
     components = open_components(load_config(args.config))
@@ -171,7 +171,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from kms.server.app import open_components  # noqa: PLC0415
+    from kms.server.app import open_components
 
     components = open_components(load_config(args.config))
     try:
@@ -183,7 +183,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     else:
         for key in keys:
             slot = "-" if key.sbv2_slot is None else str(key.sbv2_slot)
-            print(f"{key.name:40} {key.product:16} {key.purpose.value:15} {key.algorithm.value:12} slot {slot}")
+            print(
+                f"{key.name:40} {key.product:16} {key.purpose.value:15} {key.algorithm.value:12} slot {slot}"
+            )
     return 0
 
 
@@ -194,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("KMS_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
-    init = commands.add_parser("init", help="create a development setup (PKI, SoftHSM2 token, config, database)")
-    init.add_argument("--state-dir", type=Path, default=Path(os.environ.get("KMS_STATE_DIR", DEFAULT_STATE_DIR)))
+    init = commands.add_parser(
+        "init", help="create a development setup (PKI, SoftHSM2 token, config, database)"
+    )
+    init.add_argument(
+        "--state-dir", type=Path, default=Path(os.environ.get("KMS_STATE_DIR", DEFAULT_STATE_DIR))
+    )
     init.add_argument("--listen", default="127.0.0.1:50051")
     init.add_argument("--hsm-uri", help="use this PKCS#11 token instead of creating a SoftHSM2 one")
     init.add_argument("--demo", action="store_true", help="also create demo Secure Boot V2 keys")
@@ -206,12 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="write the bound port here once serving")
     serve.set_defaults(func=cmd_serve)
 
-    keys = commands.add_parser("keys", help="manage keys on this host").add_subparsers(dest="keys", required=True)
+    keys = commands.add_parser("keys", help="manage keys on this host").add_subparsers(
+        dest="keys", required=True
+    )
     create = keys.add_parser("create", help="generate a key inside the HSM")
     create.add_argument("--config", type=Path, required=True)
     create.add_argument("--key-id", required=True)
     create.add_argument("--product", required=True)
-    create.add_argument("--purpose", choices=[p.value for p in KeyPurpose], default=KeyPurpose.SECURE_BOOT_V2.value)
+    create.add_argument(
+        "--purpose", choices=[p.value for p in KeyPurpose], default=KeyPurpose.SECURE_BOOT_V2.value
+    )
     create.add_argument("--algorithm", choices=[a.value for a in Algorithm], required=True)
     create.add_argument("--slot", type=int, help="Secure Boot V2 signature-block slot: 0, 1 or 2")
     create.add_argument("--json", action="store_true")
@@ -226,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         code: int = args.func(args)
     except errors.KmsError as e:

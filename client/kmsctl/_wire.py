@@ -83,7 +83,10 @@ _STATES: dict[int, KeyVersionState] = {
     common_pb2.DESTROY_SCHEDULED: KeyVersionState.DESTROY_SCHEDULED,
     common_pb2.DESTROYED: KeyVersionState.DESTROYED,
 }
-ENCODINGS: dict[EncodingName, common_pb2.SignatureEncoding] = {"raw": common_pb2.RAW, "der": common_pb2.DER}
+ENCODINGS: dict[EncodingName, common_pb2.SignatureEncoding.ValueType] = {
+    "raw": common_pb2.RAW,
+    "der": common_pb2.DER,
+}
 
 
 def encoding(value: int) -> EncodingName | None:

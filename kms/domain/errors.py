@@ -42,7 +42,11 @@ class DataLoss(KmsError):
     """Data arrived corrupted (a checksum the caller supplied does not match)."""
 
 
-class HsmUnavailable(KmsError):
+class Unavailable(KmsError):
+    """A dependency (HSM, storage) cannot serve now; the operation may succeed if retried later."""
+
+
+class HsmUnavailable(Unavailable):
     """The HSM cannot be reached or failed; the operation may succeed if retried later."""
 
 

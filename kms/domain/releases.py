@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from kms.domain.errors import FailedPrecondition
+
 
 @dataclass(frozen=True)
 class Release:
@@ -25,6 +27,16 @@ class Release:
     @property
     def name(self) -> str:
         return f"releases/{self.output_sha256.hex()}"
+
+
+def check_floor(product: str, secure_version: int, floor: int | None) -> None:
+    """Anti-rollback at signing: refuse a secure_version below the product's floor (highest signed so far)."""
+    if floor is not None and secure_version < floor:
+        raise FailedPrecondition(
+            f"anti-rollback: image secure_version {secure_version} is below product {product!r}'s "
+            f"floor {floor} (the highest secure_version signed so far); "
+            f"build with secure_version >= {floor}"
+        )
 
 
 @dataclass(frozen=True)

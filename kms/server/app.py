@@ -19,6 +19,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from kmsapi.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 from kms.hsm.config import HsmConfig
 from kms.hsm.pkcs11_hsm import Pkcs11Hsm
@@ -32,7 +33,6 @@ from kms.store.database import Database
 from kms.store.keys import SqliteKeyRepository
 from kms.store.releases import SqliteReleaseRepository
 from kms.store.signature_log import SqliteSignatureLog
-from kmsapi.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 log = logging.getLogger("kms.server")
 
@@ -118,7 +118,11 @@ class KmsServer:
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.signing), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         credentials = grpc.ssl_server_credentials(

@@ -12,8 +12,8 @@ kind, so streaming calls are checked exactly like unary ones, before any request
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import grpc
 
@@ -36,9 +36,9 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 _ROLES_BY_NAME = {role.value: role for role in Role}
 
 
-def caller_from_auth_context(auth_context: dict[str, list[bytes]]) -> Caller:
+def caller_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
     """The caller named by a TLS peer's certificate. Raises ``Unauthenticated``."""
-    if auth_context.get("transport_security_type") != [b"ssl"]:
+    if list(auth_context.get("transport_security_type", ())) != [b"ssl"]:
         raise Unauthenticated("a TLS client certificate is required")
     for raw in auth_context.get("x509_subject_alternative_name", []):
         san = raw.decode("utf-8", "replace")
@@ -54,7 +54,8 @@ def caller_from_auth_context(auth_context: dict[str, list[bytes]]) -> Caller:
 
 def caller_of(context: grpc.ServicerContext) -> Caller:
     """The authenticated caller of an RPC. Raises ``Unauthenticated``."""
-    return caller_from_auth_context(context.auth_context())
+    # grpc returns {property: [values]}; types-grpcio declares the values as bytes, hence the cast.
+    return caller_from_auth_context(cast(Mapping[str, Iterable[bytes]], context.auth_context()))
 
 
 def _authorize(method: str, context: grpc.ServicerContext) -> None:
@@ -78,12 +79,12 @@ def _guard(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class AuthorizationInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None

@@ -30,7 +30,7 @@ STATUS: list[tuple[type[errors.KmsError], grpc.StatusCode]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (errors.HsmUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.HsmFailure, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
@@ -47,7 +47,9 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
         context.abort(status_of(error), str(error))
     incident = secrets.token_hex(6)
     log.error("internal error, incident %s", incident, exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details")
+    context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details"
+    )
     raise AssertionError("unreachable")
 
 
@@ -79,4 +81,3 @@ def translate_errors(method: F) -> F:
             _abort(context, e)
 
     return unary  # type: ignore[return-value]
-

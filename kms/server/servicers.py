@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import google_crc32c
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 from kms.domain import sbv2
 from kms.domain.errors import DataLoss, InvalidArgument, LimitExceeded
@@ -20,7 +21,6 @@ from kms.domain.signatures import SignatureEncoding
 from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
 from kms.service.signing import SigningService
-from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 MAX_UPLOAD_CHUNK = 256 * 1024
 DOWNLOAD_CHUNK = 128 * 1024
@@ -42,7 +42,10 @@ STATES = {
     KeyVersionState.DESTROY_SCHEDULED: common_pb2.DESTROY_SCHEDULED,
     KeyVersionState.DESTROYED: common_pb2.DESTROYED,
 }
-PURPOSES = {KeyPurpose.SECURE_BOOT_V2: common_pb2.SECURE_BOOT_V2, KeyPurpose.DIGEST_SIGNING: common_pb2.DIGEST_SIGNING}
+PURPOSES = {
+    KeyPurpose.SECURE_BOOT_V2: common_pb2.SECURE_BOOT_V2,
+    KeyPurpose.DIGEST_SIGNING: common_pb2.DIGEST_SIGNING,
+}
 
 
 def crc32c(data: bytes) -> int:
@@ -83,27 +86,35 @@ def receive_image(requests: Iterable[signing_pb2.SignImageRequest], max_size: in
     if header.image_size == 0:
         raise InvalidArgument("header.image_size must be the exact size of the image, in bytes")
     if header.image_size > max_size:
-        raise LimitExceeded(f"image of {header.image_size} bytes exceeds this server's limit of {max_size} bytes")
+        raise LimitExceeded(
+            f"image of {header.image_size} bytes exceeds this server's limit of {max_size} bytes"
+        )
     if header.image_sha256 and len(header.image_sha256) != 32:
         raise InvalidArgument("header.image_sha256, when set, must be 32 bytes")
     image = bytearray()
     for message in stream:
         if message.WhichOneof("part") != "chunk":
-            raise InvalidArgument("only the first SignImage message may carry a header; the rest carry chunks")
+            raise InvalidArgument(
+                "only the first SignImage message may carry a header; the rest carry chunks"
+            )
         if len(message.chunk) > MAX_UPLOAD_CHUNK:
-            raise InvalidArgument(f"chunk of {len(message.chunk)} bytes exceeds the {MAX_UPLOAD_CHUNK}-byte chunk limit")
+            raise InvalidArgument(
+                f"chunk of {len(message.chunk)} bytes exceeds the {MAX_UPLOAD_CHUNK}-byte chunk limit"
+            )
         if len(image) + len(message.chunk) > header.image_size:
             raise InvalidArgument(f"the stream carries more than the announced {header.image_size} bytes")
         image += message.chunk
     if len(image) != header.image_size:
-        raise InvalidArgument(f"the stream ended after {len(image)} of the announced {header.image_size} bytes")
+        raise InvalidArgument(
+            f"the stream ended after {len(image)} of the announced {header.image_size} bytes"
+        )
     data = bytes(image)
     if header.image_sha256 and hashlib.sha256(data).digest() != header.image_sha256:
         raise DataLoss("the image received does not match header.image_sha256; it was corrupted on the way")
     return header.product, data
 
 
-class SigningServicer(signing_pb2_grpc.SigningServiceServicer):  # type: ignore[misc]
+class SigningServicer(signing_pb2_grpc.SigningServiceServicer):
     def __init__(self, signing: SigningService) -> None:
         self._signing = signing
 
@@ -131,7 +142,9 @@ class SigningServicer(signing_pb2_grpc.SigningServiceServicer):  # type: ignore[
         digest: bytes = getattr(request.digest, which)
         checked = request.HasField("digest_crc32c")
         if checked and crc32c(digest) != request.digest_crc32c:
-            raise InvalidArgument("digest_crc32c does not match the digest: it was corrupted on the way; retry")
+            raise InvalidArgument(
+                "digest_crc32c does not match the digest: it was corrupted on the way; retry"
+            )
         encoding = ENCODINGS.get(request.encoding)
         if encoding is None:
             raise InvalidArgument(f"unknown signature encoding {request.encoding}")
@@ -173,7 +186,7 @@ def public_key_pb(version: KeyVersion) -> keys_pb2.PublicKey:
     )
 
 
-class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
+class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
     def __init__(self, signing: SigningService) -> None:
         self._signing = signing
 

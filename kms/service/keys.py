@@ -21,7 +21,9 @@ SBV2_SLOTS = (0, 1, 2)
 
 
 class KeyAdministration:
-    def __init__(self, hsm: Hsm, keys: KeyRepository, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+    def __init__(
+        self, hsm: Hsm, keys: KeyRepository, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ):
         self._hsm = hsm
         self._keys = keys
         self._clock = clock
@@ -31,14 +33,18 @@ class KeyAdministration:
     ) -> Key:
         """Generate version 1 inside the HSM and record the key. Nothing is left behind on failure."""
         if not KEY_ID_PATTERN.fullmatch(key_id):
-            raise InvalidArgument(f"malformed key id {key_id!r}: use 1-63 lowercase letters, digits and dashes")
+            raise InvalidArgument(
+                f"malformed key id {key_id!r}: use 1-63 lowercase letters, digits and dashes"
+            )
         validate_product(product)
         if purpose is KeyPurpose.SECURE_BOOT_V2:
             if sbv2_slot not in SBV2_SLOTS:
                 raise InvalidArgument("a Secure Boot V2 key needs a signature-block slot: 0, 1 or 2")
             taken = {k.sbv2_slot for k in self._keys.sbv2_keys(product)}
             if sbv2_slot in taken:
-                raise AlreadyExists(f"product {product!r} already has a Secure Boot V2 key in slot {sbv2_slot}")
+                raise AlreadyExists(
+                    f"product {product!r} already has a Secure Boot V2 key in slot {sbv2_slot}"
+                )
         elif sbv2_slot is not None:
             raise InvalidArgument("only Secure Boot V2 keys have a slot")
         try:
@@ -50,7 +56,9 @@ class KeyAdministration:
 
         pair = self._hsm.generate_key_pair(algorithm, f"{key_id}/1")
         now = self._clock()
-        version = KeyVersion(key_id, 1, algorithm, KeyVersionState.ENABLED, pair.hsm_id, pair.public_key_der, now)
+        version = KeyVersion(
+            key_id, 1, algorithm, KeyVersionState.ENABLED, pair.hsm_id, pair.public_key_der, now
+        )
         key = Key(key_id, product, purpose, algorithm, sbv2_slot, 1, (version,), now)
         try:
             self._keys.add_key(key)

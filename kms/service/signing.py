@@ -26,7 +26,7 @@ from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, N
 from kms.domain.identity import Caller
 from kms.domain.keys import HashAlgorithm, Key, KeyName, KeyVersion, KeyVersionState, validate_product
 from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
-from kms.domain.releases import Release, SignatureRecord
+from kms.domain.releases import Release, SignatureRecord, check_floor
 from kms.domain.signatures import SignatureEncoding
 
 
@@ -53,7 +53,9 @@ def _enabled(key: Key, number: int | None = None) -> KeyVersion:
     except LookupError:
         raise NotFound(f"key {key.name} has no version {number}") from None
     if version.state is not KeyVersionState.ENABLED:
-        raise FailedPrecondition(f"key version {version.name} is {version.state.value}; only enabled versions sign")
+        raise FailedPrecondition(
+            f"key version {version.name} is {version.state.value}; only enabled versions sign"
+        )
     return version
 
 
@@ -95,12 +97,7 @@ class SigningService:
         if existing is not None:
             return SignedImage(existing, reused=True)
 
-        floor = self._releases.secure_version_floor(product)
-        if floor is not None and app.secure_version < floor:
-            raise FailedPrecondition(
-                f"anti-rollback: image secure_version {app.secure_version} is below product {product!r}'s "
-                f"floor {floor} (the highest secure_version signed so far); build with secure_version >= {floor}"
-            )
+        check_floor(product, app.secure_version, self._releases.secure_version_floor(product))
 
         padded = sbv2.pad_image(image)
         now = self._clock()
@@ -140,7 +137,12 @@ class SigningService:
         return self._releases.read_image(release.output_sha256, offset)
 
     def sign_digest(
-        self, caller: Caller, name: str, digest: bytes, hash_algorithm: HashAlgorithm, encoding: SignatureEncoding
+        self,
+        caller: Caller,
+        name: str,
+        digest: bytes,
+        hash_algorithm: HashAlgorithm,
+        encoding: SignatureEncoding,
     ) -> DigestSignature:
         key_name = KeyName.parse(name)
         version = _enabled(self._keys.get_key(key_name.key_id), key_name.version)
@@ -151,10 +153,14 @@ class SigningService:
                 f"{algorithm.hash.size} bytes; got a {hash_algorithm.value} digest of {len(digest)} bytes"
             )
         if encoding is SignatureEncoding.DER and not algorithm.is_ecdsa:
-            raise InvalidArgument(f"DER encoding exists for ECDSA signatures only; {version.name} is {algorithm.value}")
+            raise InvalidArgument(
+                f"DER encoding exists for ECDSA signatures only; {version.name} is {algorithm.value}"
+            )
         raw = self._hsm.sign_digest(version.hsm_id, algorithm, digest)
         signatures.check_signature(algorithm, version.public_key_der, digest, raw)
-        self._log.append(SignatureRecord(caller.identity, "sign-digest", version.name, digest, digest.hex(), self._clock()))
+        self._log.append(
+            SignatureRecord(caller.identity, "sign-digest", version.name, digest, digest.hex(), self._clock())
+        )
         return DigestSignature(version, signatures.encode(algorithm, raw, encoding), encoding)
 
     def public_key(self, name: str) -> tuple[Key, KeyVersion]:

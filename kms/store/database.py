@@ -63,10 +63,17 @@ from typing import Self, TypeVar
 
 import sqlite_utils
 
-from kms.domain.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, KmsError
+from kms.domain.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    KmsError,
+    Unavailable,
+)
 
 
-class StorageFailure(KmsError):
+class StorageFailure(Unavailable):
     """The database or the file store could not be read or written (I/O error, disk full, busy for too
     long, closed). The operation may succeed if retried later."""
 
@@ -403,8 +410,10 @@ class Database:
             )
         _check_sequence(migrations)
         path = Path(path)
-        with _translated():
+        try:
             writer = _connect(path, busy_timeout, read_only=False)
+        except sqlite3.Error as e:
+            raise StorageFailure(f"cannot open the database {path}: {e}") from e
         database = cls(path, writer, busy_timeout, max_readers)
         try:
             with _translated():
@@ -475,19 +484,22 @@ class Database:
         self.close()
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
-        for migration in migrations:
+        """Apply the migrations after the file's version, each in its own transaction (numbered 1..n)."""
+        latest = len(migrations)
+        while True:
             with self.transaction() as session:
                 current = _header(session, "user_version")
-                if current > len(migrations):
+                if current > latest:
                     raise SchemaTooNew(
                         f"the database {self._path} has schema version {current}, but this release of the "
-                        f"service knows versions up to {len(migrations)}: run a newer release, or restore a "
-                        "backup made by this one"
+                        f"service knows versions up to {latest}: run a newer release, or restore a backup "
+                        "made by this one"
                     )
-                if current >= migration.version:
-                    continue
+                if current == latest:
+                    return
                 if current == 0:
                     _claim(session, self._path)
+                migration = migrations[current]
                 session.execute(_MIGRATIONS_TABLE)
                 if isinstance(migration.step, str):
                     session.script(migration.step)

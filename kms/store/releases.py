@@ -34,7 +34,7 @@ import json
 from collections.abc import Iterator, Sequence
 
 from kms.domain.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
-from kms.domain.releases import Release, SignatureRecord
+from kms.domain.releases import Release, SignatureRecord, check_floor
 from kms.store.blobs import CHUNK_SIZE, BlobStore
 from kms.store.database import Database, Row, Session, timestamp_text
 from kms.store.signature_log import insert_signatures
@@ -125,6 +125,12 @@ class SqliteReleaseRepository:
             existing = _find(session, release.product, release.input_sha256, release.key_versions)
             if existing is not None:
                 return existing
+            floor = session.row(
+                "SELECT secure_version FROM product_floors WHERE product = ?", [release.product]
+            )
+            check_floor(
+                release.product, release.secure_version, floor.integer("secure_version") if floor else None
+            )
             if session.row("SELECT 1 FROM releases WHERE output_sha256 = ?", [release.output_sha256]):
                 raise AlreadyExists(f"{release.name} is already recorded for another input or product")
             session.execute(

@@ -26,7 +26,8 @@ unless the queue is full.
   only records whose ``append`` had not returned, i.e. unacknowledged ones.
 
 The writer shares the ``Database``'s single writer connection (``Database.transaction``), so it queues
-behind release commits on a lock, not in SQLite's busy handler.
+behind release commits on a lock, not in SQLite's busy handler. Consequently ``append`` must never be called
+inside a ``Database.transaction`` block: it would wait for a writer that waits for that block.
 """
 
 from __future__ import annotations

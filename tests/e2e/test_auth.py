@@ -7,15 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
-from kms.server.pki import issue, make_ca
-from kmsctl import KmsClient, PermissionDeniedError, RetryPolicy
-from tests.support.esp_images import build_app_image
-from tests.support.kms_server import RunningKms
-
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from kmsctl import KmsClient, PermissionDeniedError, RetryPolicy
+
+from kms.server.pki import issue, make_ca
+from tests.support.esp_images import build_app_image
+from tests.support.kms_server import RunningKms
 
 
 def _list_keys(channel: grpc.Channel) -> keys_pb2.ListKeysResponse:
@@ -24,9 +23,12 @@ def _list_keys(channel: grpc.Channel) -> keys_pb2.ListKeysResponse:
 
 def test_no_client_certificate_is_refused(kms_server: RunningKms) -> None:
     ca = kms_server.credentials()["ca"].read_bytes()
-    with grpc.secure_channel(kms_server.target, grpc.ssl_channel_credentials(ca)) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            _list_keys(channel)
+    credentials = grpc.ssl_channel_credentials(ca)
+    with (
+        grpc.secure_channel(kms_server.target, credentials) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        _list_keys(channel)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
 
 
@@ -44,8 +46,13 @@ def _pem(key: object) -> bytes:
 
 def test_certificate_from_another_ca_is_refused(kms_server: RunningKms) -> None:
     rogue_key, rogue_ca = make_ca("rogue CA")
-    key, cert = issue(rogue_key, rogue_ca, "build-server",
-                      [x509.UniformResourceIdentifier("spiffe://kms.dev/build-server/dev")], server=False)
+    key, cert = issue(
+        rogue_key,
+        rogue_ca,
+        "build-server",
+        [x509.UniformResourceIdentifier("spiffe://kms.dev/build-server/dev")],
+        server=False,
+    )
     creds = grpc.ssl_channel_credentials(
         kms_server.credentials()["ca"].read_bytes(), _pem(key), cert.public_bytes(serialization.Encoding.PEM)
     )
@@ -88,12 +95,19 @@ def test_streaming_call_is_checked_before_any_message(kms_server: RunningKms) ->
             list(stub.SignImage(iter([]), timeout=10))
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.RpcError) as error:
-            stub.SignDigest(signing_pb2.SignDigestRequest(name="keys/artifacts-p256",
-                                                          digest=common_pb2.Digest(sha256=bytes(32))), timeout=10)
+            stub.SignDigest(
+                signing_pb2.SignDigestRequest(
+                    name="keys/artifacts-p256", digest=common_pb2.Digest(sha256=bytes(32))
+                ),
+                timeout=10,
+            )
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_client_library_over_mtls_uses_the_dev_pki(kms_server: RunningKms) -> None:
-    creds = kms_server.credentials()
-    with KmsClient.from_files(kms_server.target, **creds, retries=RetryPolicy(max_attempts=1)) as kms:
+    files = kms_server.credentials()
+    retries = RetryPolicy(max_attempts=1)
+    with KmsClient.from_files(
+        kms_server.target, ca=files["ca"], cert=files["cert"], key=files["key"], retries=retries
+    ) as kms:
         assert any(k.name == "keys/artifacts-p256" for k in kms.list_keys())

@@ -7,17 +7,17 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from kmsctl import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
+
 from tests.e2e.conftest import ALGORITHMS
 from tests.support.esp_images import build_app_image, refresh_footer
 from tests.support.espressif_tools import exit_codes, run
-from tests.support.kms_server import RunningKms
+from tests.support.kms_server import RunningKms, image_bytes
 
 CHIP_FOR = {"p256": "esp32c6", "p384": "esp32c5", "rsa": "esp32s3"}
 SECTOR = 4096
@@ -44,7 +44,7 @@ def test_espsecure_verifies_every_block_and_rejects_flips(
     image = build_app_image(CHIP_FOR[alg], 64 * 1024 + 123, secure_version=1, seed=blocks)
     with kms_server.client() as kms:
         signed = kms.sign_image(product, image)
-    data = signed.data
+    data = image_bytes(signed)
     assert data[: len(image)] == image
     assert len(data) % SECTOR == 0 and set(data[len(image) : len(data) - SECTOR]) <= {0xFF}
     assert signed.release.key_versions == tuple(f"keys/{product}-slot{s}/versions/1" for s in range(blocks))
@@ -55,8 +55,9 @@ def test_espsecure_verifies_every_block_and_rejects_flips(
     keys = _public_keys(kms_server, product, blocks, tmp_path)
 
     # Every block verifies with its own key: espsecure accepts if any block verifies, so check each key.
-    commands: list[list[str]] = [["verify-signature", "--version", "2", "--keyfile", str(k), str(tmp_path / "s.bin")]
-                                 for k in keys]
+    commands: list[list[str]] = [
+        ["verify-signature", "--version", "2", "--keyfile", str(k), str(tmp_path / "s.bin")] for k in keys
+    ]
     # A flip in the signed body, the padding, or in each block's image digest, public key or signature
     # must make every key fail; a flip in another block must leave only that block's key failing.
     sector = len(data) - SECTOR
@@ -105,12 +106,18 @@ def test_same_input_returns_the_stored_release(kms_server: RunningKms) -> None:
 
 
 def test_release_records_the_caller_and_descriptor(kms_server: RunningKms) -> None:
-    image = build_app_image("esp32c6", 40_000, secure_version=4, version="4.0.0-rc1", project_name="thermo", seed=5)
+    image = build_app_image(
+        "esp32c6", 40_000, secure_version=4, version="4.0.0-rc1", project_name="thermo", seed=5
+    )
     with kms_server.client() as kms:
         release = kms.sign_image("p256-2", image).release
     assert release.signed_by == "spiffe://kms.dev/build-server/dev"
     assert (release.chip, release.version, release.secure_version, release.project_name) == (
-        "esp32c6", "4.0.0-rc1", 4, "thermo")
+        "esp32c6",
+        "4.0.0-rc1",
+        4,
+        "thermo",
+    )
     assert release.input_sha256 == hashlib.sha256(image).digest()
 
 
@@ -171,13 +178,17 @@ def _flip_checksum(good: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("case", sorted(_malformed()))
-def test_malformed_image_is_invalid_argument_and_service_keeps_serving(kms_server: RunningKms, case: str) -> None:
+def test_malformed_image_is_invalid_argument_and_service_keeps_serving(
+    kms_server: RunningKms, case: str
+) -> None:
     image = _malformed()[case]
     with kms_server.client() as kms:
         with pytest.raises(InvalidArgumentError) as error:
             kms.sign_image("p256-1", image)
         assert error.value.message  # a message a person can act on
-        ok = kms.sign_image("p256-1", build_app_image("esp32c6", 10_000, secure_version=9, seed=hash(case) % 1000))
+        ok = kms.sign_image(
+            "p256-1", build_app_image("esp32c6", 10_000, secure_version=9, seed=hash(case) % 1000)
+        )
     assert ok.release.output_size % SECTOR == 0
 
 

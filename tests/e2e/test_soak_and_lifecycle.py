@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kms.domain import sbv2
 from tests.support.esp_images import build_app_image
-from tests.support.kms_server import KeySpec, RunningKms, running_kms
+from tests.support.kms_server import KeySpec, RunningKms, image_bytes, running_kms
 
 CONCURRENCY = 32
 
@@ -38,7 +38,9 @@ def test_32_concurrent_signing_rpcs(kms_server: RunningKms) -> None:
         image_key = serialization.load_pem_public_key(kms.get_public_key("keys/p256-1-slot0").pem.encode())
         digest_key = serialization.load_pem_public_key(kms.get_public_key("keys/artifacts-p256").pem.encode())
     assert isinstance(digest_key, ec.EllipticCurvePublicKey)
-    image_der = image_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    image_der = image_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     barrier = threading.Barrier(CONCURRENCY)
 
     def worker(n: int) -> int:
@@ -48,7 +50,7 @@ def test_32_concurrent_signing_rpcs(kms_server: RunningKms) -> None:
             for round_ in range(4):
                 if n % 2 == 0:
                     image = build_app_image("esp32c6", 48_000, secure_version=12, seed=1000 + n * 10 + round_)
-                    _check_image(kms.sign_image("p256-1", image).data, image, image_der)
+                    _check_image(image_bytes(kms.sign_image("p256-1", image)), image, image_der)
                 else:
                     digest = hashlib.sha256(f"{n}/{round_}".encode()).digest()
                     sig = kms.sign_digest("keys/artifacts-p256", digest, encoding="der").signature
@@ -80,8 +82,11 @@ def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
         def sign() -> None:
             with server.client(timeout=120) as kms:
                 try:
-                    result["signed"] = kms.sign_image("grace", image, progress=lambda sent, total: (
-                        started.set() if sent > total // 2 else None))
+                    result["signed"] = kms.sign_image(
+                        "grace",
+                        image,
+                        progress=lambda sent, total: started.set() if sent > total // 2 else None,
+                    )
                 except Exception as e:  # noqa: BLE001 - reported below
                     result["error"] = e
 

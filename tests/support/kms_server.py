@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmsctl import KmsClient, RetryPolicy
+from kmsctl import KmsClient, RetryPolicy, SignedImage
 
 KMS = [sys.executable, "-m", "kms.cli"]
 KMSCTL = [sys.executable, "-m", "kmsctl"]
@@ -33,7 +33,9 @@ class KeySpec:
     purpose: str = "secure-boot-v2"
 
 
-def run_kms(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_kms(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [*KMS, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
@@ -60,18 +62,35 @@ class RunningKms:
 
     def credentials(self, role: str = "build-server") -> dict[str, Path]:
         pki = self.state_dir / "pki"
-        return {"ca": pki / "ca.pem", "cert": pki / "clients" / f"{role}.pem", "key": pki / "clients" / f"{role}.key"}
+        return {
+            "ca": pki / "ca.pem",
+            "cert": pki / "clients" / f"{role}.pem",
+            "key": pki / "clients" / f"{role}.key",
+        }
 
     def client(self, role: str = "build-server", *, timeout: float = 60.0, attempts: int = 1) -> KmsClient:
+        files = self.credentials(role)
         return KmsClient.from_files(
-            self.target, **self.credentials(role), timeout=timeout, retries=RetryPolicy(max_attempts=attempts)
+            self.target,
+            ca=files["ca"],
+            cert=files["cert"],
+            key=files["key"],
+            timeout=timeout,
+            retries=RetryPolicy(max_attempts=attempts),
         )
 
-    def kmsctl(self, *args: str, role: str = "build-server", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def kmsctl(
+        self, *args: str, role: str = "build-server", timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """Run the CLI as a subprocess against this server."""
         env = dict(os.environ, KMS_STATE_DIR=str(self.state_dir), KMSCTL_SERVER=self.target)
         return subprocess.run(
-            [*KMSCTL, *args, "--identity", role], capture_output=True, text=True, timeout=timeout, env=env, check=False
+            [*KMSCTL, *args, "--identity", role],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
         )
 
     def log(self) -> str:
@@ -81,8 +100,20 @@ class RunningKms:
 def init_state(state_dir: Path, keys: Sequence[KeySpec]) -> None:
     run_kms("init", "--state-dir", str(state_dir), "--listen", "127.0.0.1:0")
     for spec in keys:
-        args = ["keys", "create", "--config", str(state_dir / "kms.toml"), "--key-id", spec.key_id,
-                "--product", spec.product, "--algorithm", spec.algorithm, "--purpose", spec.purpose]
+        args = [
+            "keys",
+            "create",
+            "--config",
+            str(state_dir / "kms.toml"),
+            "--key-id",
+            spec.key_id,
+            "--product",
+            spec.product,
+            "--algorithm",
+            spec.algorithm,
+            "--purpose",
+            spec.purpose,
+        ]
         if spec.slot is not None:
             args += ["--slot", str(spec.slot)]
         run_kms(*args)
@@ -98,7 +129,8 @@ def running_kms(state_dir: Path, keys: Sequence[KeySpec] = (), *, init: bool = T
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [*KMS, "serve", "--config", str(state_dir / "kms.toml"), "--ready-file", str(ready)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     server = RunningKms(state_dir, 0, process, log_path, {k.key_id: k for k in keys})
     try:
@@ -119,6 +151,12 @@ def running_kms(state_dir: Path, keys: Sequence[KeySpec] = (), *, init: bool = T
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def image_bytes(signed: SignedImage) -> bytes:
+    """The signed image of a ``sign_image`` call made without ``output=``."""
+    assert signed.data is not None
+    return signed.data
 
 
 def keys_json(server: RunningKms) -> list[dict[str, object]]:

@@ -286,3 +286,8 @@ def test_naive_timestamps_are_refused() -> None:
         timestamp_text(datetime(2024, 1, 1))
     with pytest.raises(ValueError, match="time zone"):
         parse_timestamp("2024-01-01T00:00:00.000000")
+
+
+def test_an_unopenable_path_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(StorageFailure, match=r"cannot open the database .*missing/kms\.db"):
+        Database.open(tmp_path / "missing" / "kms.db")

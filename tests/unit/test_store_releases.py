@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kms.domain.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+from kms.domain.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from kms.domain.releases import Release, SignatureRecord
 from kms.store.blobs import BlobStore
 from kms.store.database import Database
@@ -124,7 +124,7 @@ def test_recording_the_same_input_again_returns_the_first_release(
 
 def test_the_floor_is_the_highest_secure_version_per_product(repo: SqliteReleaseRepository) -> None:
     assert repo.secure_version_floor("thermostat") is None
-    for n, secure_version in enumerate([3, 1, 5, 4]):
+    for n, secure_version in enumerate([1, 3, 5, 5]):
         image = os.urandom(64)
         release = release_of(image, input_image=bytes([n]), secure_version=secure_version)
         repo.record(release, image, [])
@@ -132,6 +132,19 @@ def test_the_floor_is_the_highest_secure_version_per_product(repo: SqliteRelease
     image = os.urandom(64)
     repo.record(release_of(image, product="doorbell", secure_version=2), image, [])
     assert repo.secure_version_floor("doorbell") == 2
+    assert repo.secure_version_floor("thermostat") == 5
+
+
+def test_record_below_the_floor_is_refused_inside_the_transaction(
+    repo: SqliteReleaseRepository, db: Database
+) -> None:
+    """The floor is checked again under the write lock, so two concurrent signings cannot both pass."""
+    image = os.urandom(64)
+    repo.record(release_of(image, input_image=b"a", secure_version=5), image, [])
+    lower = os.urandom(64)
+    with pytest.raises(FailedPrecondition, match="floor 5"):
+        repo.record(release_of(lower, input_image=b"b", secure_version=4), lower, [])
+    assert count(db, "releases") == 1
     assert repo.secure_version_floor("thermostat") == 5
 
 
