@@ -13,7 +13,8 @@ object: ``object``, ``id`` and ``type`` are refused, and so are the library and 
 Where the PIN comes from (``pin-source``):
 
 - ``file:/absolute/path`` (also ``file:///absolute/path`` or a bare ``/absolute/path``): a regular file
-  holding the PIN, one trailing newline ignored. It must be accessible by its owner only (mode 0600 or
+  holding the PIN, one trailing newline ignored. A relative path (``file:hsm-pin``) is accepted only when
+  the caller says what it is relative to (``relative_to``, e.g. the configuration file's directory). It must be accessible by its owner only (mode 0600 or
   0400); a file the group or others may read or write is refused. The path is taken literally.
 - ``env:VARIABLE``: an environment variable. This is our extension of RFC 7512, for platforms that hand
   secrets to containers as environment variables.
@@ -64,8 +65,12 @@ class PinValue:
 PinSource = PinFile | PinEnv | PinValue
 
 
-def parse_pin_source(text: str) -> PinSource:
-    """Parse a ``pin-source`` value: ``file:/path``, ``file:///path``, ``/path`` or ``env:NAME``."""
+def parse_pin_source(text: str, *, relative_to: Path | None = None) -> PinSource:
+    """Parse a ``pin-source`` value: ``file:/path``, ``file:///path``, ``/path`` or ``env:NAME``.
+
+    A relative file path (``file:hsm-pin``) is refused, unless ``relative_to`` (an absolute directory,
+    such as the one holding the configuration file) is given to resolve it against.
+    """
     if text.startswith("env:"):
         name = text[len("env:") :]
         if not _ENV_NAME.fullmatch(name):
@@ -80,9 +85,11 @@ def parse_pin_source(text: str) -> PinSource:
             raise InvalidArgument("pin-source file URI must be file:/path or file:///path (no host)")
     elif path.startswith("file:"):
         path = path[len("file:") :]
-    if not path.startswith("/"):
-        raise InvalidArgument("pin-source must be file:/absolute/path or env:NAME")
-    return PinFile(Path(path))
+    if path.startswith("/"):
+        return PinFile(Path(path))
+    if relative_to is not None and relative_to.is_absolute() and path and ":" not in path.split("/")[0]:
+        return PinFile(relative_to / path)
+    raise InvalidArgument("pin-source must be file:/absolute/path or env:NAME")
 
 
 @dataclass(frozen=True)
@@ -104,8 +111,14 @@ class HsmConfig:
             raise InvalidArgument("the HSM configuration must name the token by label ('token') or 'serial'")
 
     @classmethod
-    def from_uri(cls, uri: str | Pkcs11Uri, *, allow_pin_value: bool = False) -> HsmConfig:
-        """Build from a PKCS#11 URI; ``allow_pin_value`` lets ``pin-value`` through (discouraged)."""
+    def from_uri(
+        cls, uri: str | Pkcs11Uri, *, allow_pin_value: bool = False, relative_to: Path | None = None
+    ) -> HsmConfig:
+        """Build from a PKCS#11 URI.
+
+        ``allow_pin_value`` lets ``pin-value`` through (discouraged); ``relative_to`` is the absolute
+        directory a relative ``pin-source=file:...`` is resolved against (refused without it).
+        """
         parsed = parse_pkcs11_uri(uri) if isinstance(uri, str) else uri
         _refuse_unsupported(parsed)
         if parsed.module_path is None:
@@ -119,7 +132,7 @@ class HsmConfig:
             )
         pin_source: PinSource
         if parsed.pin_source is not None:
-            pin_source = parse_pin_source(parsed.pin_source)
+            pin_source = parse_pin_source(parsed.pin_source, relative_to=relative_to)
         elif parsed.pin_value is not None:
             if not allow_pin_value:
                 raise InvalidArgument(

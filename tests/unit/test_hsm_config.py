@@ -218,3 +218,16 @@ def test_config_reads_the_pin_each_time(tmp_path: Path) -> None:
     path.write_bytes(b"2222\n")
     assert config.read_pin() == "2222"
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_relative_pin_file_needs_a_base_directory(tmp_path: Path) -> None:
+    uri = f"pkcs11:token=t?module-path={MODULE}&pin-source=file:state/hsm-pin"
+    with pytest.raises(InvalidArgument, match="absolute"):
+        HsmConfig.from_uri(uri)
+    config = HsmConfig.from_uri(uri, relative_to=tmp_path)
+    assert config.pin_source == PinFile(tmp_path / "state" / "hsm-pin")
+    with pytest.raises(InvalidArgument, match="absolute"):
+        parse_pin_source("file:hsm-pin", relative_to=Path("relative/base"))
+    with pytest.raises(InvalidArgument, match="absolute"):
+        parse_pin_source("https://example.com/pin", relative_to=tmp_path)
+    assert parse_pin_source("file:/abs/pin", relative_to=tmp_path) == PinFile(Path("/abs/pin"))
