@@ -48,11 +48,11 @@ import google_crc32c
 import grpc
 import pkcs11
 from kmsapi.v1 import common_pb2, signing_pb2
+from kmsctl import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES, KmsClient, RetryPolicy
 
 from bench.echo import ECHO_METHOD
 from kms.hsm.config import HsmConfig
 from kms.server.config import load_config
-from kmsctl import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES, KmsClient, RetryPolicy
 from tests.support.esp_images import build_app_image
 from tests.support.kms_server import KeySpec, RunningKms, running_kms
 
@@ -531,7 +531,9 @@ class _Worker:
 
             return sign
         channel, method = (
-            (self.kms_channel, SIGN_DIGEST_METHOD) if kind == "sign-digest" else (self.echo_channel, ECHO_METHOD)
+            (self.kms_channel, SIGN_DIGEST_METHOD)
+            if kind == "sign-digest"
+            else (self.echo_channel, ECHO_METHOD)
         )
         stub: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
         requests = self.requests
@@ -633,7 +635,7 @@ class WorkerPool:
         return answer
 
     def close(self) -> None:
-        for process, conn in self._workers:
+        for _process, conn in self._workers:
             with contextlib.suppress(OSError):
                 conn.send(None)
         for process, conn in self._workers:

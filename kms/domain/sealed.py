@@ -62,7 +62,11 @@ empty associated data and ``nonce(i) = 0x00 * 7 | i (4 bytes, big-endian) | 0x01
 stored as ciphertext | tag (16 bytes).
 
 Safety: a (key, nonce) pair must never seal two different plaintexts. The key is bound to the image's
-SHA-256 through ``info``, so ``SealedPayload`` refuses an image whose SHA-256 differs from the manifest's.
+SHA-256 through ``info``, so ``SealedPayload`` refuses an image whose SHA-256 differs from the manifest's
+(hash a release's image once with ``HashedImage`` and share it between devices and resumed downloads).
+
+Determinism: everything but the signature follows from (device, release, segment size); ECDSA is randomized,
+so the caller signs a payload's header and manifest once and keeps the signature for every later request.
 """
 
 from __future__ import annotations
@@ -370,12 +374,32 @@ def nonce(i: int, last: bool) -> bytes:
     return bytes(7) + i.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
 
 
+class HashedImage:
+    """An image's bytes, frozen, with their SHA-256 computed once.
+
+    Hash a release's image once and share it between the payloads of every device (and every resumed
+    download) instead of letting each ``SealedPayload`` hash it again. A writable buffer is copied, so the
+    bytes cannot change after they were hashed.
+    """
+
+    __slots__ = ("data", "sha256")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.data = view if view.readonly else memoryview(bytes(view))
+        self.sha256 = hashlib.sha256(self.data).digest()
+
+    def __repr__(self) -> str:
+        return f"HashedImage(size={len(self.data)}, sha256={self.sha256.hex()})"
+
+
 class SealedPayload:
     """The bytes of one payload, produced lazily: only the segments a reader asks for are encrypted.
 
     Construction checks that the parts fit together (sizes, lengths) and that the image's SHA-256 is the
     manifest's: the payload key is bound to that digest, so sealing another plaintext under it would reuse
-    (key, nonce) pairs. That check reads the whole image once; nothing is encrypted up front.
+    (key, nonce) pairs. Given raw bytes, that check hashes the whole image; given a ``HashedImage``, it
+    compares digests. Nothing is encrypted up front.
     """
 
     __slots__ = ("_aead", "_header", "_image", "_prefix")
@@ -386,7 +410,7 @@ class SealedPayload:
         manifest: Manifest,
         signature: bytes,
         payload_key: bytes,
-        image: bytes | memoryview,
+        image: bytes | memoryview | HashedImage,
     ) -> None:
         prefix = signed_bytes(header, manifest)
         if len(signature) != SIGNATURE_LEN:
@@ -395,13 +419,14 @@ class SealedPayload:
             )
         if len(payload_key) != KEY_LEN:
             raise InvalidArgument(f"the payload key must be {KEY_LEN} bytes, not {len(payload_key)}")
-        view = memoryview(image).cast("B")
-        if len(view) != header.image_size:
-            raise InvalidArgument(f"the image is {len(view)} bytes; the header says {header.image_size}")
-        if hashlib.sha256(view).digest() != manifest.image_sha256:
+        size = len(image.data) if isinstance(image, HashedImage) else memoryview(image).nbytes
+        if size != header.image_size:
+            raise InvalidArgument(f"the image is {size} bytes; the header says {header.image_size}")
+        hashed = image if isinstance(image, HashedImage) else HashedImage(image)
+        if hashed.sha256 != manifest.image_sha256:
             raise InvalidArgument("the image's SHA-256 differs from the manifest's image SHA-256")
         self._header = header
-        self._image = view
+        self._image = hashed.data
         self._prefix = prefix + bytes(signature)
         self._aead = AESGCM(bytes(payload_key))
 

@@ -13,9 +13,10 @@ object: ``object``, ``id`` and ``type`` are refused, and so are the library and 
 Where the PIN comes from (``pin-source``):
 
 - ``file:/absolute/path`` (also ``file:///absolute/path`` or a bare ``/absolute/path``): a regular file
-  holding the PIN, one trailing newline ignored. A relative path (``file:hsm-pin``) is accepted only when
-  the caller says what it is relative to (``relative_to``, e.g. the configuration file's directory). It must be accessible by its owner only (mode 0600 or
-  0400); a file the group or others may read or write is refused. The path is taken literally.
+  holding the PIN, one trailing newline ignored. It must be accessible by its owner only (mode 0600 or
+  0400); a file the group or others may read or write is refused. The path is taken literally (no second
+  percent-decoding). A relative path (``file:hsm-pin``) is accepted only when the caller says what it is
+  relative to (``relative_to``, e.g. the configuration file's directory).
 - ``env:VARIABLE``: an environment variable. This is our extension of RFC 7512, for platforms that hand
   secrets to containers as environment variables.
 - ``pin-value=...`` in the URI itself: accepted only when the caller passes ``allow_pin_value=True``, and

@@ -34,7 +34,7 @@ and exponential backoff, still holding the lock, since nothing else could use th
 and destroying are retried once on the new session; generating is not (a retry could leave an orphan key
 behind). After a failed reconnection, calls fail fast with ``HsmUnavailable`` and ``is_available()``
 reports False until a cooldown has passed, then the next call or health check tries again. A refused PIN is
-never retried: it would lock the token.
+never tried again (``HsmFailure`` until ``close()`` and ``open()``): HSMs lock the PIN after a few failures.
 
 Errors that a retry will not fix (missing key, mechanism refused, wrong PIN) raise ``HsmFailure``.
 Messages never carry PKCS#11 return codes or paths; the python-pkcs11 exception is chained as the cause.
@@ -154,6 +154,7 @@ class Pkcs11Hsm:
         self._opened = False
         self._broken = False
         self._retry_at = 0.0
+        self._pin_refused = False
         self._keys: dict[bytes, _CachedKey] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -170,6 +171,8 @@ class Pkcs11Hsm:
             module_key = os.path.realpath(self._config.module_path)
             if module_key in _MODULES_IN_USE:
                 raise HsmFailure("another open Pkcs11Hsm in this process already uses this PKCS#11 module")
+            self._pin_refused = False
+            self._retry_at = 0.0
             try:
                 self._connect_locked()
             except BaseException:
@@ -259,7 +262,7 @@ class Pkcs11Hsm:
         def sign(session: pkcs11.Session) -> bytes:
             entry = self._private_key_locked(session, hsm_id)
             if entry.algorithm is not algorithm:
-                raise HsmFailure(f"the key is not a {algorithm.value} key")
+                raise HsmFailure(f"the key with this id is not a key for {algorithm.value}")
             try:
                 return entry.key.sign(digest, **parameters)
             except _STALE_HANDLE:
@@ -385,7 +388,15 @@ class Pkcs11Hsm:
         self._keys.clear()
 
     def _reopen_locked(self) -> pkcs11.Session:
-        """Reconnect from scratch, with bounded attempts; raise ``HsmUnavailable`` if it cannot."""
+        """Reconnect from scratch, with bounded attempts; raise ``HsmUnavailable`` if it cannot.
+
+        A refused PIN is never tried again (HSMs lock the PIN after a few failures): the adapter stays
+        broken, raising ``HsmFailure``, until ``close()`` and ``open()``. Other refusals (a module that no
+        longer loads, an ambiguous token) are raised as they are and tried again after the cooldown; an
+        unreadable PIN source counts as an outage.
+        """
+        if self._pin_refused:
+            raise HsmFailure("the HSM refused the PIN; it is not tried again until the HSM is reopened")
         if time.monotonic() < self._retry_at:
             raise HsmUnavailable("the HSM is unavailable; reconnection will be tried again shortly")
         self._broken = True
@@ -399,16 +410,24 @@ class Pkcs11Hsm:
             except HsmUnavailable as e:
                 last = e
                 continue
-            except KmsError:
-                # Wrong PIN, unreadable PIN file, ambiguous token: retrying now would not help (and a
-                # wrong PIN retried could lock the token).
+            except HsmFailure:
                 self._retry_at = time.monotonic() + self._reopen_cooldown
                 raise
+            except KmsError as e:  # the PIN source cannot be read now
+                last = e
+                break
             self._broken = False
             self._retry_at = 0.0
             _log.warning("HSM connection re-established")
             return session
         self._retry_at = time.monotonic() + self._reopen_cooldown
+        cause = last.__cause__ if last is not None and last.__cause__ is not None else last
+        _log.warning(
+            "HSM reconnection failed after %d attempts (%s); next try in %.1f s",
+            self._reopen_attempts,
+            type(cause).__name__,
+            self._reopen_cooldown,
+        )
         raise HsmUnavailable("the HSM is unavailable; reconnection failed") from last
 
     def _connect_locked(self) -> pkcs11.Session:
@@ -428,6 +447,7 @@ class Pkcs11Hsm:
                 # Login is per process and token; this process is logged in already.
                 session = token.open(rw=True)
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked, p11e.PinExpired) as e:
+            self._pin_refused = True
             raise HsmFailure("the HSM refused the PIN") from e
         except p11e.PKCS11Error as e:
             if isinstance(e, _UNAVAILABLE):
