@@ -48,7 +48,7 @@ hence a different ``e``, salt, AES key and IV. A collision would need a SHA-256 
 Callers that pass ``EncryptionInputs`` themselves (``encrypt_for_device``) take that duty on: never
 reuse inputs for a second image.
 
-The scalar is ``(int(T1 || T2) mod (n - 1)) + 1`` from two HMAC blocks (512 bits): always in
+The scalar is ``(int(T0 || T1) mod (n - 1)) + 1`` from two HMAC blocks (512 bits): always in
 ``[1, n - 1]``, with a statistical distance from uniform below ``2^-256`` (FIPS 186-5 A.2.1's
 "extra random bits" method, with 256 extra bits).
 
@@ -78,10 +78,11 @@ pass over the whole image. ``EspEncryptedImage.iter_bytes(offset)`` works in two
 buffer, never copying the image: pass 1 (only if ``offset < 424``, i.e. the tag is still to be sent)
 runs AES-GCM over the image into a scratch buffer of one chunk and keeps the 16-byte tag; pass 2 runs
 AES-CTR from the counter block of ``offset`` (J0 + 1 + block index, computed with our own GHASH of the
-IV) and yields the payload in chunks. A full download costs about two AES passes and one GHASH pass; a
-resume from an offset at or past 424 costs only the CTR pass over the rest. Per request the memory is the
-shared image buffer (32 concurrent requests for one release can share one ``bytes``) plus about two
-chunks. The tag is cached on the object, so a caller that keeps it pays pass 1 once.
+IV) and yields the payload in chunks. A full download costs about two AES passes and one GHASH pass,
+plus the SHA-256 pass of ``for_device`` (the largest of the three); a resume from an offset at or past 424
+costs only the CTR pass over the rest (and that SHA-256 pass, if the object is made anew). Per request
+the memory is the shared image buffer (32 concurrent requests for one release can share one ``bytes``)
+plus about two chunks. The tag is cached on the object, so a caller that keeps it pays pass 1 once.
 """
 
 from __future__ import annotations

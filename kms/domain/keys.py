@@ -41,6 +41,14 @@ class Algorithm(enum.Enum):
     ECDSA_P256_SHA256 = "ecdsa-p256"
     ECDSA_P384_SHA384 = "ecdsa-p384"
     RSA_3072_PSS_SHA256 = "rsa3072-pss"
+    # Not for signatures: the KEK, the registration transport key, the payload-seed HMAC key.
+    AES_256 = "aes256"
+    RSA_3072_OAEP_SHA256 = "rsa3072-oaep"
+    HMAC_SHA256 = "hmac-sha256"
+
+    @property
+    def is_signing(self) -> bool:
+        return self in _SIGNING
 
     @property
     def hash(self) -> HashAlgorithm:
@@ -48,7 +56,7 @@ class Algorithm(enum.Enum):
 
     @property
     def is_ecdsa(self) -> bool:
-        return self is not Algorithm.RSA_3072_PSS_SHA256
+        return self in (Algorithm.ECDSA_P256_SHA256, Algorithm.ECDSA_P384_SHA384)
 
     @property
     def raw_signature_size(self) -> int:
@@ -66,8 +74,10 @@ class Algorithm(enum.Enum):
     def check_public_key(self, public_key_der: bytes) -> None:
         """Raise ``InvalidArgument`` unless the DER public key is of this algorithm."""
         key = serialization.load_der_public_key(public_key_der)
-        if self is Algorithm.RSA_3072_PSS_SHA256:
+        if self in (Algorithm.RSA_3072_PSS_SHA256, Algorithm.RSA_3072_OAEP_SHA256):
             ok = isinstance(key, rsa.RSAPublicKey) and key.key_size == 3072
+        elif not self.is_ecdsa:
+            raise InvalidArgument(f"{self.value} keys have no public key")
         else:
             curve = ec.SECP256R1 if self is Algorithm.ECDSA_P256_SHA256 else ec.SECP384R1
             ok = isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, curve)
@@ -75,9 +85,33 @@ class Algorithm(enum.Enum):
             raise InvalidArgument(f"public key is not a {self.value} key")
 
 
+_SIGNING = frozenset(
+    {Algorithm.ECDSA_P256_SHA256, Algorithm.ECDSA_P384_SHA384, Algorithm.RSA_3072_PSS_SHA256}
+)
+
+
 class KeyPurpose(enum.Enum):
     SECURE_BOOT_V2 = "secure-boot-v2"
     DIGEST_SIGNING = "digest-signing"
+    OTA_MANIFEST = "ota-manifest"  # signs sealed-payload manifests (ECDSA P-256)
+    KEY_ENCRYPTION = "key-encryption"  # the product's KEK: wraps device secrets (AES-256, KWP)
+    REGISTRATION_TRANSPORT = "registration-transport"  # factories wrap batch keys to it (RSA-3072 OAEP)
+    PAYLOAD_SEED = "payload-seed"  # HMAC key deriving deterministic esp_encrypted_img ephemerals
+
+    @property
+    def algorithms(self) -> frozenset[Algorithm]:
+        """The algorithms a key of this purpose may have."""
+        return _PURPOSE_ALGORITHMS[self]
+
+
+_PURPOSE_ALGORITHMS = {
+    KeyPurpose.SECURE_BOOT_V2: _SIGNING,
+    KeyPurpose.DIGEST_SIGNING: _SIGNING,
+    KeyPurpose.OTA_MANIFEST: frozenset({Algorithm.ECDSA_P256_SHA256}),
+    KeyPurpose.KEY_ENCRYPTION: frozenset({Algorithm.AES_256}),
+    KeyPurpose.REGISTRATION_TRANSPORT: frozenset({Algorithm.RSA_3072_OAEP_SHA256}),
+    KeyPurpose.PAYLOAD_SEED: frozenset({Algorithm.HMAC_SHA256}),
+}
 
 
 class KeyVersionState(enum.Enum):

@@ -24,10 +24,22 @@ from datetime import UTC, datetime
 from kms.domain import chips, esp_image, sbv2, signatures
 from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, NotFound
 from kms.domain.identity import Caller
-from kms.domain.keys import HashAlgorithm, Key, KeyName, KeyVersion, KeyVersionState, validate_product
+from kms.domain.keys import (
+    HashAlgorithm,
+    Key,
+    KeyName,
+    KeyPurpose,
+    KeyVersion,
+    KeyVersionState,
+    validate_product,
+)
 from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
 from kms.domain.releases import Release, SignatureRecord, check_floor
 from kms.domain.signatures import SignatureEncoding
+
+DIGEST_PURPOSES = frozenset({KeyPurpose.SECURE_BOOT_V2, KeyPurpose.DIGEST_SIGNING})
+"""Purposes whose keys sign caller-supplied digests. OTA manifest keys sign only manifests the service
+builds itself, or a build server could forge a payload manifest for any device."""
 
 
 def _utcnow() -> datetime:
@@ -145,7 +157,13 @@ class SigningService:
         encoding: SignatureEncoding,
     ) -> DigestSignature:
         key_name = KeyName.parse(name)
-        version = _enabled(self._keys.get_key(key_name.key_id), key_name.version)
+        key = self._keys.get_key(key_name.key_id)
+        if key.purpose not in DIGEST_PURPOSES:
+            raise FailedPrecondition(
+                f"key {key.name} is a {key.purpose.value} key; only secure-boot-v2 and digest-signing keys "
+                "sign caller-supplied digests"
+            )
+        version = _enabled(key, key_name.version)
         algorithm = version.algorithm
         if hash_algorithm is not algorithm.hash or len(digest) != algorithm.hash.size:
             raise InvalidArgument(

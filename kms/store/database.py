@@ -134,6 +134,9 @@ class Row:
     def blob(self, name: str) -> bytes:
         return self._get(name, bytes)
 
+    def optional_blob(self, name: str) -> bytes | None:
+        return None if self._values[name] is None else self.blob(name)
+
     def timestamp(self, name: str) -> datetime:
         try:
             return parse_timestamp(self.text(name))
@@ -239,8 +242,41 @@ CREATE TABLE signatures (
 CREATE INDEX signatures_by_key_version ON signatures (key_version, id);
 """
 
+_DEVICES_SCHEMA = """
+CREATE TABLE devices (
+    device_id        TEXT PRIMARY KEY,
+    product          TEXT NOT NULL,
+    chip             TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    kek_key_id       TEXT NOT NULL,
+    kek_version      INTEGER NOT NULL,
+    wrap_mechanism   TEXT NOT NULL,  -- names the wrap exactly, e.g. "CKM_AES_KEY_WRAP_PAD(0x210A)"
+    wrapped_secret   BLOB NOT NULL,
+    fingerprint      BLOB NOT NULL CHECK (length(fingerprint) = 32),
+    ecies_public_key BLOB CHECK (ecies_public_key IS NULL OR length(ecies_public_key) = 64),
+    registered_by    TEXT NOT NULL,
+    registered_at    TEXT NOT NULL,
+    revoked_at       TEXT
+) STRICT;
+CREATE INDEX devices_by_kek ON devices (kek_key_id, kek_version);
+CREATE INDEX devices_by_product ON devices (product);
+
+-- ECDSA is randomized: the manifest signature of a sealed payload is made once and reused, so the same
+-- (device, release, segment size) always gives byte-identical payloads (resume, caching).
+CREATE TABLE payload_signatures (
+    device_id    TEXT NOT NULL REFERENCES devices (device_id),
+    release      BLOB NOT NULL REFERENCES releases (output_sha256),
+    segment_size INTEGER NOT NULL,
+    key_version  TEXT NOT NULL,
+    signature    BLOB NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (device_id, release, segment_size, key_version)
+) STRICT, WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, key versions, releases, product floors, signatures", _INITIAL_SCHEMA),
+    Migration(2, "device registry and payload manifest signatures", _DEVICES_SCHEMA),
 )
 
 _MIGRATIONS_TABLE = """

@@ -1,0 +1,158 @@
+"""``SqliteDeviceRepository``: the device registry (tables created by migration 2, see ``database.py``).
+
+A device row holds the eFuse secret only wrapped under a KEK version (``wrapped_secret`` with its mechanism
+and KEK key/version) plus its fingerprint; never the secret. ``add_many`` registers a batch in one
+transaction and reports, per device, whether it was created, was already registered with the same secret
+(fingerprints equal: a no-op), or conflicts (another secret: ``AlreadyExists``). Nothing is acknowledged
+before the commit.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from datetime import datetime
+
+from kms.domain.devices import Device, DeviceState, WrappedSecret
+from kms.domain.errors import AlreadyExists, KmsError, NotFound
+from kms.store.database import Database, Row, Session, timestamp_text
+
+_INSERT = """
+INSERT INTO devices (device_id, product, chip, state, kek_key_id, kek_version, wrap_mechanism,
+                     wrapped_secret, fingerprint, ecies_public_key, registered_by, registered_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+
+class Registration(enum.Enum):
+    CREATED = "created"
+    UNCHANGED = "unchanged"  # already registered with the same secret
+
+
+def _from_row(row: Row) -> Device:
+    return Device(
+        device_id=row.text("device_id"),
+        product=row.text("product"),
+        chip=row.text("chip"),
+        state=row.enum("state", DeviceState),
+        secret=WrappedSecret(
+            kek_key_id=row.text("kek_key_id"),
+            kek_version=row.integer("kek_version"),
+            mechanism=row.text("wrap_mechanism"),
+            blob=row.blob("wrapped_secret"),
+        ),
+        fingerprint=row.blob("fingerprint"),
+        registered_by=row.text("registered_by"),
+        registered_at=row.timestamp("registered_at"),
+        ecies_public_key=row.optional_blob("ecies_public_key"),
+    )
+
+
+def _get(session: Session, device_id: str) -> Device | None:
+    row = session.row("SELECT * FROM devices WHERE device_id = ?", [device_id])
+    return None if row is None else _from_row(row)
+
+
+class SqliteDeviceRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def get(self, device_id: str) -> Device:
+        with self._db.snapshot() as session:
+            device = _get(session, device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r} is registered")
+        return device
+
+    def add_many(self, devices: Sequence[Device]) -> list[Registration | KmsError]:
+        """Register a batch in one transaction; one outcome per device, in order."""
+        outcomes: list[Registration | KmsError] = []
+        with self._db.transaction() as session:
+            for device in devices:
+                existing = _get(session, device.device_id)
+                if existing is None:
+                    session.execute(_INSERT, _values(device))
+                    outcomes.append(Registration.CREATED)
+                elif existing.fingerprint == device.fingerprint and existing.product == device.product:
+                    outcomes.append(Registration.UNCHANGED)
+                else:
+                    outcomes.append(
+                        AlreadyExists(
+                            f"device {device.device_id!r} is already registered with a different secret or "
+                            "product; re-provisioning is a security officer's act"
+                        )
+                    )
+        return outcomes
+
+    def revoke(self, device_id: str, at: datetime) -> Device:
+        with self._db.transaction() as session:
+            changed = session.execute(
+                "UPDATE devices SET state = ?, revoked_at = COALESCE(revoked_at, ?) WHERE device_id = ?",
+                [DeviceState.REVOKED.value, timestamp_text(at), device_id],
+            )
+            if changed == 0:
+                raise NotFound(f"no device {device_id!r} is registered")
+            device = _get(session, device_id)
+        assert device is not None
+        return device
+
+    def count(self, product: str | None = None) -> int:
+        with self._db.snapshot() as session:
+            row = session.row(
+                "SELECT count(*) AS n FROM devices WHERE (:product IS NULL OR product = :product)",
+                {"product": product},
+            )
+        return 0 if row is None else row.integer("n")
+
+    def payload_signature(
+        self, device_id: str, release: bytes, segment_size: int, key_version: str
+    ) -> bytes | None:
+        with self._db.snapshot() as session:
+            row = session.row(
+                "SELECT signature FROM payload_signatures "
+                "WHERE device_id = ? AND release = ? AND segment_size = ? AND key_version = ?",
+                [device_id, release, segment_size, key_version],
+            )
+        return None if row is None else row.blob("signature")
+
+    def save_payload_signature(
+        self,
+        device_id: str,
+        release: bytes,
+        segment_size: int,
+        key_version: str,
+        signature: bytes,
+        at: datetime,
+    ) -> bytes:
+        """Store a manifest signature unless one exists; return the stored one (first writer wins)."""
+        with self._db.transaction() as session:
+            session.execute(
+                "INSERT OR IGNORE INTO payload_signatures (device_id, release, segment_size, key_version, "
+                "signature, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [device_id, release, segment_size, key_version, signature, timestamp_text(at)],
+            )
+            row = session.row(
+                "SELECT signature FROM payload_signatures "
+                "WHERE device_id = ? AND release = ? AND segment_size = ? AND key_version = ?",
+                [device_id, release, segment_size, key_version],
+            )
+        if row is None:
+            raise AlreadyExists("the payload signature could not be stored")
+        return row.blob("signature")
+
+
+def _values(device: Device) -> list[object]:
+    return [
+        device.device_id,
+        device.product,
+        device.chip,
+        device.state.value,
+        device.secret.kek_key_id,
+        device.secret.kek_version,
+        device.secret.mechanism,
+        device.secret.blob,
+        device.fingerprint,
+        device.ecies_public_key,
+        device.registered_by,
+        timestamp_text(device.registered_at),
+    ]
