@@ -216,7 +216,11 @@ fksp_status fksp_feed(fksp_ctx *ctx, const uint8_t *data, size_t len, fksp_write
  */
 fksp_status fksp_finish(fksp_ctx *ctx);
 
-/* Abandon decoding (e.g. the download was cancelled): zeroize and release everything. Idempotent. */
+/*
+ * Abandon decoding (e.g. the download was cancelled): zeroize and release
+ * everything. Idempotent. A later fksp_finish() returns the error already
+ * reached, or FKSP_ERR_TRUNCATED if there was none.
+ */
 void fksp_abort(fksp_ctx *ctx);
 
 /* The authenticated manifest once the preamble was accepted (steps 1-3 passed), else NULL. */
