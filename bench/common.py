@@ -48,9 +48,15 @@ import google_crc32c
 import grpc
 import pkcs11
 from kmsapi.v1 import common_pb2, signing_pb2
-from kmsctl import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES, KmsClient, RetryPolicy
+from kmsctl import (
+    MAX_RECEIVE_MESSAGE_BYTES,
+    MAX_SEND_MESSAGE_BYTES,
+    UPLOAD_CHUNK_SIZE,
+    KmsClient,
+    RetryPolicy,
+)
 
-from bench.echo import ECHO_METHOD
+from bench.echo import ECHO_METHOD, STREAM_METHOD
 from kms.hsm.config import HsmConfig
 from kms.server.config import load_config
 from tests.support.esp_images import build_app_image
@@ -446,10 +452,15 @@ class PrepareImages:
 
 @dataclass(frozen=True)
 class SignImages:
-    """At ``start_at``, sign every prepared image in turn with ``KmsClient.sign_image``; drop them."""
+    """At ``start_at``, sign every prepared image in turn with ``KmsClient.sign_image``; drop them.
+
+    With ``via="echo"`` the images go through the echo server's stream instead, up and back down in
+    chunks of the client's upload size: the transport alone.
+    """
 
     product: str
     start_at: float
+    via: Literal["kms", "echo"] = "kms"
 
 
 @dataclass(frozen=True)
@@ -517,10 +528,20 @@ class _Worker:
         sleep_until(command.start_at)
         began = time.monotonic()
         for image in images:
+            if command.via == "echo":
+                self._stream_echo(image)
+                continue
             signed = self.client.sign_image(command.product, image)
             if signed.release.reused:
                 raise BenchError("the service returned a stored release: the images must all differ")
         return Done(len(images), began, time.monotonic(), late)
+
+    def _stream_echo(self, image: bytes) -> None:
+        stub: grpc.StreamStreamMultiCallable[bytes, bytes] = self.echo_channel.stream_stream(STREAM_METHOD)
+        chunks = (image[i : i + UPLOAD_CHUNK_SIZE] for i in range(0, len(image), UPLOAD_CHUNK_SIZE))
+        received = sum(len(chunk) for chunk in stub(chunks, timeout=CALL_TIMEOUT))
+        if received != len(image):
+            raise BenchError(f"the echo stream returned {received} of {len(image)} bytes")
 
     def _call(self, kind: CallKind) -> Callable[[int], object]:
         if kind == "kmsctl":

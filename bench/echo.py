@@ -3,10 +3,14 @@
 It is built like the KMS server (``kms.server.app.KmsServer``) from the same configuration file: the same
 mutual-TLS credentials (server certificate, client CA, ``require_client_auth=True``), the same channel
 options, the same thread pool size and ``maximum_concurrent_rpcs``. What it leaves out is the work of the
-service: no interceptor, no protobuf parsing, no handler logic. One method, ``/bench.Echo/Echo``, takes
-the request bytes as they arrive (identity deserializer) and answers with fixed bytes: a real serialized
-``SignDigestResponse`` read from ``--response-file``, so that the response has the size of the service's.
-Without ``--response-file`` it echoes the request.
+service: no interceptor, no protobuf parsing, no handler logic. Messages are bytes as they arrive
+(identity serializers).
+
+- ``/bench.Echo/Echo`` (unary) answers with fixed bytes: a real serialized ``SignDigestResponse`` read
+  from ``--response-file``, so that the response has the size of the service's. Without
+  ``--response-file`` it echoes the request.
+- ``/bench.Echo/Stream`` (bidirectional streaming) sends every message back as it arrives: an image
+  uploaded and downloaded in chunks as ``SignImage`` does it, with nothing else, the transport's ceiling.
 
     python -m bench.echo --config STATE/kms.toml --ready-file FILE [--response-file FILE]
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -29,6 +33,7 @@ from kms.server.app import _server_options
 from kms.server.config import load_config
 
 ECHO_METHOD = "/bench.Echo/Echo"
+STREAM_METHOD = "/bench.Echo/Stream"
 _SERVICE = "bench.Echo"
 
 
@@ -45,8 +50,15 @@ def build_server(config_path: Path, response: bytes | None) -> tuple[grpc.Server
     def echo(request: bytes, _context: grpc.ServicerContext) -> bytes:
         return request if response is None else response
 
+    def stream(requests: Iterator[bytes], _context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from requests
+
     handler = grpc.method_handlers_generic_handler(
-        _SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        _SERVICE,
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
     credentials = grpc.ssl_server_credentials(

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bench.common import (
     IMAGE_SIZE,
@@ -159,14 +160,16 @@ def _espsecure_rate(env: Environment, key: ImageKey, count: int) -> float:
     return count / elapsed
 
 
-def _service_rate(pool: WorkerPool, key: ImageKey, clients: int, per_client: int) -> float:
+def _service_rate(
+    pool: WorkerPool, key: ImageKey, clients: int, per_client: int, via: Literal["kms", "echo"] = "kms"
+) -> float:
     prepare = [
         PrepareImages(key.chip, IMAGE_SIZE, tuple(next(_seeds) for _ in range(per_client)))
         for _ in range(clients)
     ]
     pool.run(prepare)
     start = time.monotonic() + _START_LEAD
-    results = pool.run([SignImages(key.product, start)] * clients)
+    results = pool.run([SignImages(key.product, start, via)] * clients)
     began = min(r.began for r in results)
     ended = max(r.ended for r in results)
     return sum(r.count for r in results) / (ended - began)
@@ -183,19 +186,21 @@ def images_benchmark(env: Environment, pool: WorkerPool, key: ImageKey, plan: Pl
     baseline = Series(f"espsecure sign-data --hsm, {key.label}, 1 process per image", "images/s")
     sequential = Series(f"KMS SignImage, {key.label}, 1 client", "images/s")
     concurrent = Series(f"KMS SignImage, {key.label}, {plan.concurrent_clients} clients", "images/s")
+    transport = Series("bare gRPC stream echo of the same images, 1 client", "images/s")
     runs: dict[str, Callable[[], float]] = {
         "espsecure": lambda: _espsecure_rate(env, key, plan.espsecure_images),
         "service-1": lambda: _service_rate(pool, key, 1, plan.service_images),
         "service-n": lambda: _service_rate(pool, key, plan.concurrent_clients, plan.concurrent_images),
+        "transport": lambda: _service_rate(pool, key, 1, plan.service_images, via="echo"),
     }
-    series = {"espsecure": baseline, "service-1": sequential, "service-n": concurrent}
+    series = {"espsecure": baseline, "service-1": sequential, "service-n": concurrent, "transport": transport}
     for repetition in range(plan.repetitions):
         for name in _rotated(list(runs), repetition):
             series[name].samples.append(runs[name]())
         log(
             f"  repetition {repetition + 1}/{plan.repetitions}: espsecure {baseline.samples[-1]:.2f}/s, "
             f"1 client {sequential.samples[-1]:.1f}/s, {plan.concurrent_clients} clients "
-            f"{concurrent.samples[-1]:.1f}/s"
+            f"{concurrent.samples[-1]:.1f}/s, stream echo {transport.samples[-1]:.1f}/s"
         )
     note = f"{IMAGE_SIZE // 1024} KiB images, all different; same key in the same SoftHSM2 token"
     return [
@@ -206,6 +211,13 @@ def images_benchmark(env: Environment, pool: WorkerPool, key: ImageKey, plan: Pl
             baseline,
             IMAGES_TARGET,
             note,
+        ),
+        Comparison(
+            f"images/s {key.label}: transport ceiling vs espsecure",
+            transport,
+            baseline,
+            IMAGES_TARGET,
+            "for information: upload and download of the image over the same mTLS gRPC, nothing else",
         ),
     ]
 

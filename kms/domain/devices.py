@@ -32,6 +32,13 @@ class DeviceState(enum.Enum):
     REVOKED = "revoked"
 
 
+class Registration(enum.Enum):
+    """The outcome of registering one device that was not refused."""
+
+    CREATED = "created"
+    UNCHANGED = "unchanged"  # already registered with the same secret: a no-op
+
+
 @dataclass(frozen=True)
 class WrappedSecret:
     """An eFuse secret wrapped under a KEK version inside the HSM. ``mechanism`` names the wrap exactly."""

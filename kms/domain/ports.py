@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
+from kms.domain.devices import Device, Registration
+from kms.domain.errors import KmsError
 from kms.domain.keys import Algorithm, Key, KeyVersion
 from kms.domain.releases import Release, SignatureRecord
 
@@ -23,8 +26,25 @@ class GeneratedKeyPair:
     public_key_der: bytes
 
 
+@dataclass(frozen=True)
+class TransportBatch:
+    """A batch key wrapped to a registration transport key (RSA-OAEP SHA-256); secrets come KWP-wrapped."""
+
+    transport_hsm_id: bytes
+    wrapped_batch_key: bytes
+
+
+@dataclass(frozen=True)
+class ImportedSecret:
+    """A device secret now wrapped under a KEK (``mechanism`` names the wrap) with its fingerprint."""
+
+    wrapped: bytes
+    mechanism: str
+    fingerprint: bytes
+
+
 class Hsm(Protocol):
-    """Private-key operations. Private keys are generated inside and never leave."""
+    """Private- and secret-key operations: private keys, KEKs and device secrets never leave in plaintext."""
 
     def generate_key_pair(self, algorithm: Algorithm, label: str) -> GeneratedKeyPair:
         """Generate a sensitive, non-extractable key pair; ``label`` is informative (CKA_LABEL)."""
@@ -37,6 +57,36 @@ class Hsm(Protocol):
         MGF1-SHA-256, 32-byte salt). Raises ``HsmUnavailable`` when the HSM is unreachable and
         ``HsmFailure`` when the key is missing or the operation is refused.
         """
+        ...
+
+    def generate_secret_key(self, algorithm: Algorithm, label: str) -> bytes:
+        """Generate a sensitive, non-extractable AES-256 KEK (wrap/unwrap) or HMAC-SHA256 key; its hsm_id."""
+        ...
+
+    def import_secrets(
+        self,
+        kek_hsm_id: bytes,
+        secrets: Sequence[bytes],
+        *,
+        transport: TransportBatch | None,
+        fingerprint_message: bytes,
+    ) -> list[ImportedSecret | KmsError]:
+        """Wrap device secrets under the KEK; one result per secret, in order.
+
+        With ``transport`` each secret is RFC 5649-wrapped under the batch key, which the HSM unwraps with the
+        transport private key; each secret is then unwrapped straight into a session object, so its plaintext
+        never exists outside the HSM. Without ``transport`` each secret is the plaintext (32 bytes). The
+        fingerprint is HMAC-SHA256 keyed by the secret over ``fingerprint_message``. A malformed secret gives
+        an ``InvalidArgument`` in its slot; HSM failures raise.
+        """
+        ...
+
+    def hmac_with_wrapped_secret(self, kek_hsm_id: bytes, wrapped: bytes, message: bytes) -> bytes:
+        """HMAC-SHA256 keyed by a KEK-wrapped secret, unwrapped only inside the HSM into a session object."""
+        ...
+
+    def hmac(self, hsm_id: bytes, message: bytes) -> bytes:
+        """HMAC-SHA256 with an HSM-held HMAC key."""
         ...
 
     def destroy_key_pair(self, hsm_id: bytes) -> None:
@@ -95,4 +145,40 @@ class ReleaseRepository(Protocol):
 class SignatureLog(Protocol):
     def append(self, record: SignatureRecord) -> None:
         """Record one key use; returns only once the record is durable (group commit allowed)."""
+        ...
+
+
+class DeviceRepository(Protocol):
+    def get(self, device_id: str) -> Device:
+        """``NotFound`` if the device is not registered."""
+        ...
+
+    def add_many(self, devices: Sequence[Device]) -> list[Registration | KmsError]:
+        """Register a batch in one transaction; per device a ``Registration`` or a ``KmsError``."""
+        ...
+
+    def revoke(self, device_id: str, at: datetime) -> Device: ...
+
+    def count(self, product: str | None = None) -> int: ...
+
+    def payload_signature(
+        self, device_id: str, release: bytes, segment_size: int, key_version: str
+    ) -> bytes | None: ...
+
+    def save_payload_signature(
+        self,
+        device_id: str,
+        release: bytes,
+        segment_size: int,
+        key_version: str,
+        signature: bytes,
+        at: datetime,
+    ) -> bytes:
+        """Store unless present; return the stored signature (the first writer wins)."""
+        ...
+
+
+class ImageSource(Protocol):
+    def image_view(self, output_sha256: bytes) -> memoryview:
+        """A read-only view of a stored signed image, verified against its SHA-256 (``NotFound``)."""
         ...

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import tempfile
 import time
@@ -70,6 +71,24 @@ class BlobStore:
             raise InvalidArgument(f"a SHA-256 digest has 32 bytes, not {len(sha256)}")
         name = sha256.hex()
         return self._root / "sha256" / name[:2] / name[2:]
+
+    def map(self, sha256: bytes) -> memoryview:
+        """A read-only memory map of a stored blob (``NotFound`` if absent). Not verified: the caller hashes.
+
+        Pages are shared through the page cache by every reader of the process, so serving one image to many
+        clients costs its size once, not once per client.
+        """
+        path = self._path(sha256)
+        try:
+            with path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return memoryview(b"")
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise NotFound(f"no stored image has SHA-256 {sha256.hex()}") from None
+        except OSError as e:
+            raise StorageFailure("a stored image could not be read") from e
+        return memoryview(mapped)
 
     def put(self, data: bytes) -> bytes:
         """Store ``data`` durably; return its SHA-256. Idempotent."""

@@ -9,11 +9,10 @@ before the commit.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from datetime import datetime
 
-from kms.domain.devices import Device, DeviceState, WrappedSecret
+from kms.domain.devices import Device, DeviceState, Registration, WrappedSecret
 from kms.domain.errors import AlreadyExists, KmsError, NotFound
 from kms.store.database import Database, Row, Session, timestamp_text
 
@@ -22,11 +21,6 @@ INSERT INTO devices (device_id, product, chip, state, kek_key_id, kek_version, w
                      wrapped_secret, fingerprint, ecies_public_key, registered_by, registered_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-
-
-class Registration(enum.Enum):
-    CREATED = "created"
-    UNCHANGED = "unchanged"  # already registered with the same secret
 
 
 def _from_row(row: Row) -> Device:

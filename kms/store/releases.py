@@ -153,6 +153,11 @@ class SqliteReleaseRepository:
             session.execute(_RAISE_FLOOR, [release.product, release.secure_version])
         return release
 
+    def image_view(self, output_sha256: bytes) -> memoryview:
+        """A read-only view of a release's stored image (memory-mapped; the caller verifies its SHA-256)."""
+        self.get(output_sha256)
+        return self._blobs.map(output_sha256)
+
     def read_image(self, output_sha256: bytes, offset: int = 0) -> bytes:
         return b"".join(self.image_chunks(output_sha256, offset))
 

@@ -1,0 +1,178 @@
+"""The device registry: factory stations register devices with their eFuse secrets; officers revoke them.
+
+A registration batch is validated row by row (a malformed row is reported with its row number, and the
+valid rows of the batch are kept), the secrets of the valid rows are imported into the HSM in one call
+(wrapped under the product's KEK; with the transport path they are unwrapped only inside the HSM), and the
+batch is committed in one transaction before anything is acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from kms.domain import chips
+from kms.domain.devices import (
+    FINGERPRINT_LABEL,
+    SECRET_SIZE,
+    Device,
+    DeviceState,
+    Registration,
+    WrappedSecret,
+    validate_device_id,
+)
+from kms.domain.errors import FailedPrecondition, InvalidArgument, KmsError, LimitExceeded, NotFound
+from kms.domain.esp_encrypted_img import normalize_device_public_key
+from kms.domain.identity import Caller
+from kms.domain.keys import Key, KeyPurpose, KeyVersion, KeyVersionState, validate_product
+from kms.domain.ports import DeviceRepository, Hsm, KeyRepository, TransportBatch
+
+MAX_ROWS_PER_BATCH = 1000
+WRAPPED_SECRET_SIZE = 40  # RFC 5649 of 32 bytes: 8-byte integrity block + 32 bytes
+
+
+@dataclass(frozen=True)
+class RegistrationRow:
+    row: int
+    device_id: str
+    chip: str
+    secret: bytes
+    ecies_public_key: bytes = b""
+
+
+@dataclass(frozen=True)
+class RowResult:
+    row: int
+    device_id: str
+    outcome: Registration | KmsError
+
+
+def primary_key_of(keys: KeyRepository, product: str, purpose: KeyPurpose) -> tuple[Key, KeyVersion]:
+    """The product's key of ``purpose`` and its primary version, which must be enabled."""
+    candidates = [k for k in keys.list_keys(product) if k.purpose is purpose]
+    if not candidates:
+        raise FailedPrecondition(
+            f"product {product!r} has no {purpose.value} key; a security officer creates one with "
+            f"'kms keys create --product {product} --purpose {purpose.value} ...'"
+        )
+    key = candidates[0]
+    version = key.version()
+    if version.state is not KeyVersionState.ENABLED:
+        raise FailedPrecondition(f"the primary version {version.name} of {key.name} is {version.state.value}")
+    return key, version
+
+
+class DeviceRegistry:
+    def __init__(
+        self,
+        hsm: Hsm,
+        keys: KeyRepository,
+        devices: DeviceRepository,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._hsm = hsm
+        self._keys = keys
+        self._devices = devices
+        self._clock = clock
+
+    def registration_key(self, product: str) -> KeyVersion:
+        validate_product(product)
+        return primary_key_of(self._keys, product, KeyPurpose.REGISTRATION_TRANSPORT)[1]
+
+    def transport_batch(self, product: str, key_version: str, wrapped_batch_key: bytes) -> TransportBatch:
+        """Check the header of a wrapped registration stream; the key must be the product's transport key."""
+        _key, version = primary_key_of(self._keys, product, KeyPurpose.REGISTRATION_TRANSPORT)
+        if key_version != version.name:
+            raise FailedPrecondition(
+                f"{key_version!r} is not product {product!r}'s current registration key ({version.name}); "
+                "fetch it again with GetRegistrationKey"
+            )
+        if len(wrapped_batch_key) != 384:
+            raise InvalidArgument("wrapped_batch_key must be an RSA-3072 OAEP ciphertext of 384 bytes")
+        return TransportBatch(version.hsm_id, wrapped_batch_key)
+
+    def register(
+        self, caller: Caller, product: str, rows: Sequence[RegistrationRow], transport: TransportBatch | None
+    ) -> list[RowResult]:
+        validate_product(product)
+        if len(rows) > MAX_ROWS_PER_BATCH:
+            raise LimitExceeded(f"at most {MAX_ROWS_PER_BATCH} rows per message; got {len(rows)}")
+        kek_key, kek = primary_key_of(self._keys, product, KeyPurpose.KEY_ENCRYPTION)
+        secret_size = SECRET_SIZE if transport is None else WRAPPED_SECRET_SIZE
+        results: dict[int, RowResult] = {}
+        valid: list[tuple[int, RegistrationRow, str, bytes | None]] = []
+        seen: set[str] = set()
+        for index, row in enumerate(rows):
+            try:
+                validate_device_id(row.device_id)
+                chip = chips.chip_by_name(row.chip).name
+                if len(row.secret) != secret_size:
+                    how = "plaintext" if transport is None else "wrapped (RFC 5649)"
+                    raise InvalidArgument(
+                        f"the {how} secret must be {secret_size} bytes, not {len(row.secret)}"
+                    )
+                ecies = (
+                    normalize_device_public_key(row.ecies_public_key)[1:] if row.ecies_public_key else None
+                )
+                if row.device_id in seen:
+                    raise InvalidArgument(f"device {row.device_id!r} appears twice in the same message")
+                seen.add(row.device_id)
+            except KmsError as e:
+                results[index] = RowResult(row.row, row.device_id, e)
+                continue
+            valid.append((index, row, chip, ecies))
+
+        imported = self._hsm.import_secrets(
+            kek.hsm_id,
+            [r.secret for _, r, _, _ in valid],
+            transport=transport,
+            fingerprint_message=FINGERPRINT_LABEL,
+        )
+        now = self._clock()
+        to_store: list[tuple[int, Device]] = []
+        for (index, row, chip, ecies), secret in zip(valid, imported, strict=True):
+            if isinstance(secret, KmsError):
+                results[index] = RowResult(row.row, row.device_id, secret)
+                continue
+            device = Device(
+                device_id=row.device_id,
+                product=product,
+                chip=chip,
+                state=DeviceState.ACTIVE,
+                secret=WrappedSecret(kek_key.key_id, kek.version, secret.mechanism, secret.wrapped),
+                fingerprint=secret.fingerprint,
+                registered_by=caller.identity,
+                registered_at=now,
+                ecies_public_key=ecies,
+            )
+            to_store.append((index, device))
+        outcomes = self._devices.add_many([d for _, d in to_store])
+        for (index, device), outcome in zip(to_store, outcomes, strict=True):
+            results[index] = RowResult(rows[index].row, device.device_id, outcome)
+        return [results[i] for i in range(len(rows))]
+
+    def get(self, device_id: str) -> Device:
+        return self._devices.get(validate_device_id(device_id))
+
+    def revoke(self, caller: Caller, device_id: str) -> Device:
+        del caller  # recorded by the audit log (issue 4)
+        return self._devices.revoke(validate_device_id(device_id), self._clock())
+
+    def kek_version_name(self, device: Device) -> str:
+        return f"keys/{device.secret.kek_key_id}/versions/{device.secret.kek_version}"
+
+
+def kek_hsm_id(keys: KeyRepository, device: Device) -> bytes:
+    """The HSM id of the KEK version a device's secret is wrapped under; it must not be destroyed."""
+    try:
+        version = keys.get_key(device.secret.kek_key_id).version(device.secret.kek_version)
+    except (LookupError, NotFound):
+        raise FailedPrecondition(
+            f"the key-encryption key of device {device.device_id!r} is missing"
+        ) from None
+    if version.state in (KeyVersionState.DESTROYED, KeyVersionState.DESTROY_SCHEDULED):
+        raise FailedPrecondition(
+            f"the key-encryption key {version.name} of device {device.device_id!r} is gone"
+        )
+    return version.hsm_id
