@@ -46,7 +46,7 @@ class AtomicFile:
         except BaseException:
             self.discard()
             raise
-        _fsync_directory(self.target.parent)
+        fsync_directory(self.target.parent)
 
     def discard(self) -> None:
         self._file.close()
@@ -73,7 +73,7 @@ def atomic_write(target: str | os.PathLike[str], data: bytes) -> None:
         output.write(data)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make a rename durable. Not every platform can open a directory (Windows cannot); skip there."""
     try:
         descriptor = os.open(directory, os.O_RDONLY)

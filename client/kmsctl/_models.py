@@ -8,6 +8,7 @@ failing the whole call.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -122,3 +123,163 @@ class KeyInfo:
     sbv2_slot: int | None
     primary_version: str
     versions: tuple[KeyVersionInfo, ...]
+
+
+# -- devices and payloads ----------------------------------------------------------------------------------
+
+TransportName = Literal["wrapped", "plain"]
+PayloadFormatName = Literal["fksp", "esp-encrypted-img"]
+#: ``progress(rows_done, rows_total)``: rows the server has acknowledged, of ``len(rows)`` when the rows
+#: are a sized collection, else of ``None``.
+RowProgressCallback = Callable[[int, int | None], None]
+
+SECRET_SIZE = 32
+_DEVICE_ID = re.compile(r"[\x21-\x7e]{1,64}")
+_CHIP = re.compile(r"[a-z0-9]{1,32}")
+
+
+@dataclass(frozen=True)
+class RegistrationKeyInfo:
+    """A product's registration transport key: RSA-3072 (OAEP-SHA-256) that batch keys are wrapped to."""
+
+    key_version: str
+    pem: str
+
+
+@dataclass(frozen=True)
+class DeviceRegistration:
+    """One device to register: its id, chip, 32-byte eFuse secret and, optionally, its esp_encrypted_img
+    ECIES public key (X||Y, 64 bytes, or SEC1 uncompressed, 65).
+
+    ``row`` is the row number reported back with the outcome (e.g. the line in the caller's input file);
+    ``None`` numbers the row by its 1-based position among the rows given to ``register_devices``.
+    Construction checks what the client can check (``ValueError`` with a readable message); the server
+    checks again.
+    """
+
+    device_id: str
+    chip: str
+    secret: bytes = field(repr=False)
+    ecies_public_key: bytes | None = None
+    row: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _DEVICE_ID.fullmatch(self.device_id):
+            raise ValueError(
+                f"malformed device id {self.device_id[:80]!r}: use 1-64 printable ASCII characters, no spaces"
+            )
+        if not _CHIP.fullmatch(self.chip):
+            raise ValueError(f"malformed chip {self.chip[:40]!r}: use the name esptool prints, e.g. esp32s3")
+        if not isinstance(self.secret, bytes | bytearray) or len(self.secret) != SECRET_SIZE:
+            raise ValueError(f"the eFuse secret is {SECRET_SIZE} bytes, not {len(self.secret)}")
+        if self.ecies_public_key is not None:
+            _check_ecies_public_key(self.ecies_public_key)
+        if self.row is not None and self.row < 0:
+            raise ValueError("row numbers are not negative")
+
+
+def _check_ecies_public_key(key: bytes) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if len(key) == 64:
+        point = b"\x04" + key
+    elif len(key) == 65 and key[0] == 4:
+        point = key
+    else:
+        raise ValueError(
+            f"an ECIES public key is X||Y (64 bytes) or 04||X||Y (65 bytes), not {len(key)} bytes"
+        )
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        raise ValueError("the ECIES public key is not a point on P-256") from None
+
+
+class RegistrationStatus(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    CREATED = "created"
+    UNCHANGED = "unchanged"  # already registered with the same secret: a no-op
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What the server did with one row. For a rejected row, ``code`` is the status name
+    (``"INVALID_ARGUMENT"``, ``"ALREADY_EXISTS"`` for a device registered with another secret, ...) and
+    ``message`` says why; both are empty otherwise."""
+
+    row: int
+    device_id: str
+    status: RegistrationStatus
+    code: str = ""
+    message: str = ""
+
+
+#: ``on_outcome(outcome)``: called once per row, in row order, as acknowledgements arrive.
+RowOutcomeCallback = Callable[[RowOutcome], None]
+
+
+@dataclass(frozen=True)
+class RegistrationSummary:
+    """The outcome of ``register_devices``: counts, and every rejected row in row order."""
+
+    created: int
+    unchanged: int
+    rejected: list[RowOutcome]
+
+    @property
+    def total(self) -> int:
+        return self.created + self.unchanged + len(self.rejected)
+
+
+class DeviceState(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A registered device as the registry describes it (never its secret)."""
+
+    device_id: str
+    product: str
+    chip: str
+    state: DeviceState
+    kek_version: str
+    has_ecies_public_key: bool
+    registered_by: str
+    register_time: datetime | None
+
+
+class PayloadFormat(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    FKSP_V1 = "fksp"
+    ESP_ENCRYPTED_IMG_ECIES = "esp-encrypted-img"
+
+
+@dataclass(frozen=True)
+class PayloadInfo:
+    """A payload as the server announced it. ``total_size`` is the size of the whole payload."""
+
+    format: PayloadFormat
+    total_size: int
+    device_id: str
+    release: str
+    secure_version: int
+    segment_size: int
+    manifest_key_version: str
+
+
+@dataclass(frozen=True)
+class PayloadDownload:
+    """The result of ``KmsClient.get_payload``: exactly one of ``data`` (bytes ``[start_offset,
+    info.total_size)``, in memory) and ``path`` (the complete payload, when the call was given ``output=``)
+    is set. ``start_offset`` is where this call started: the ``offset`` argument, or the size of the
+    ``.part`` file it resumed. ``resumes`` counts the broken streams it resumed on the way."""
+
+    info: PayloadInfo
+    data: bytes | None = field(repr=False)
+    path: Path | None
+    start_offset: int = 0
+    resumes: int = 0

@@ -11,17 +11,24 @@ from typing import Any
 
 import google_crc32c
 import grpc
-from kmsapi.v1 import common_pb2, keys_pb2, signing_pb2
+from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 
 from kmsctl import errors
 from kmsctl._models import (
     Algorithm,
+    DeviceInfo,
+    DeviceState,
     EncodingName,
     KeyInfo,
     KeyPurpose,
     KeyVersionInfo,
     KeyVersionState,
+    PayloadFormat,
+    PayloadFormatName,
+    PayloadInfo,
+    RegistrationStatus,
     Release,
+    RowOutcome,
 )
 
 
@@ -36,6 +43,11 @@ SIGN_IMAGE = method_path(signing_pb2.DESCRIPTOR, "SigningService", "SignImage")
 SIGN_DIGEST = method_path(signing_pb2.DESCRIPTOR, "SigningService", "SignDigest")
 GET_PUBLIC_KEY = method_path(keys_pb2.DESCRIPTOR, "KeyService", "GetPublicKey")
 LIST_KEYS = method_path(keys_pb2.DESCRIPTOR, "KeyService", "ListKeys")
+GET_REGISTRATION_KEY = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "GetRegistrationKey")
+REGISTER_DEVICES = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "RegisterDevices")
+GET_DEVICE = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "GetDevice")
+REVOKE_DEVICE = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "RevokeDevice")
+GET_PAYLOAD = method_path(devices_pb2.DESCRIPTOR, "DistributionService", "GetPayload")
 
 
 def crc32c(data: bytes) -> int:
@@ -143,4 +155,66 @@ def key(message: keys_pb2.Key) -> KeyInfo:
             )
             for version in message.versions
         ),
+    )
+
+
+# -- devices and payloads ----------------------------------------------------------------------------------
+
+_STATUS_NAMES: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
+_ROW_STATUSES: dict[int, RegistrationStatus] = {
+    devices_pb2.RowOutcome.CREATED: RegistrationStatus.CREATED,
+    devices_pb2.RowOutcome.UNCHANGED: RegistrationStatus.UNCHANGED,
+    devices_pb2.RowOutcome.REJECTED: RegistrationStatus.REJECTED,
+}
+_DEVICE_STATES = {"active": DeviceState.ACTIVE, "revoked": DeviceState.REVOKED}
+PAYLOAD_FORMATS: dict[PayloadFormatName, devices_pb2.PayloadFormat.ValueType] = {
+    "fksp": devices_pb2.FKSP_V1,
+    "esp-encrypted-img": devices_pb2.ESP_ENCRYPTED_IMG_ECIES,
+}
+_PAYLOAD_FORMATS: dict[int, PayloadFormat] = {
+    devices_pb2.PAYLOAD_FORMAT_UNSPECIFIED: PayloadFormat.FKSP_V1,  # the proto's default
+    devices_pb2.FKSP_V1: PayloadFormat.FKSP_V1,
+    devices_pb2.ESP_ENCRYPTED_IMG_ECIES: PayloadFormat.ESP_ENCRYPTED_IMG_ECIES,
+}
+
+
+def status_name(code: int) -> str:
+    """``"ALREADY_EXISTS"`` for 6: the google.rpc.Code name of a number a message carries."""
+    return _STATUS_NAMES.get(code, f"CODE_{code}")
+
+
+def row_outcome(message: devices_pb2.RowOutcome) -> RowOutcome:
+    status = _ROW_STATUSES.get(message.status, RegistrationStatus.UNSPECIFIED)
+    rejected = status is RegistrationStatus.REJECTED
+    return RowOutcome(
+        row=message.row,
+        device_id=message.device_id,
+        status=status,
+        code=status_name(message.code) if rejected else "",
+        message=message.message if rejected else "",
+    )
+
+
+def device_info(message: devices_pb2.DeviceInfo) -> DeviceInfo:
+    return DeviceInfo(
+        device_id=message.device_id,
+        product=message.product,
+        chip=message.chip,
+        state=_DEVICE_STATES.get(message.state, DeviceState.UNSPECIFIED),
+        kek_version=message.kek_version,
+        has_ecies_public_key=message.has_ecies_public_key,
+        registered_by=message.registered_by,
+        register_time=_timestamp(message, "register_time"),
+    )
+
+
+def payload_info(message: devices_pb2.PayloadInfo) -> PayloadInfo:
+    return PayloadInfo(
+        format=_PAYLOAD_FORMATS.get(message.format, PayloadFormat.UNSPECIFIED),
+        total_size=message.total_size,
+        device_id=message.device_id,
+        release=message.release,
+        secure_version=message.secure_version,
+        segment_size=message.segment_size,
+        manifest_key_version=message.manifest_key_version,
     )
