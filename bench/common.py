@@ -222,8 +222,17 @@ def machine_info() -> dict[str, object]:
         softhsm = subprocess.run(
             ["softhsm2-util", "--version"], capture_output=True, text=True, check=False, timeout=10
         ).stdout.strip()
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(BENCH_DIR.parent)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=False)
+        commit = head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit,
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "platform": platform.platform(),

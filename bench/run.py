@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"\nfirmware KMS benchmarks ({'quick' if args.quick else 'full'} run, {info['date']}, "
-        f"{info['cpus']} CPUs {info['cpu_model']}, {elapsed:.0f} s)\n"
+        f"{info['cpus']} CPUs {info['cpu_model']}, commit {info['commit'] or 'unknown'}, {elapsed:.0f} s)\n"
     )
     print(format_table(comparisons))
     print("\nmedians from:")

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from kms.domain import errors, sbv2
 from kms.domain.keys import Algorithm, Key, KeyPurpose
+from kms.domain.ports import KeyRepository
 from kms.server.config import Config, load_config
 from kms.server.pki import create_dev_pki
+from kms.service.keys import PRODUCT_KEY_SET, KeyAdministration
 
 DEFAULT_STATE_DIR = Path(".kms")
 SETUP_SOFTHSM = Path(__file__).resolve().parent.parent / "hsm" / "setup-softhsm.sh"
@@ -121,6 +123,8 @@ def _create_demo_keys(config: Config) -> None:
             except errors.NotFound:
                 admin.create_key(key_id, product, KeyPurpose.SECURE_BOOT_V2, algorithm, slot)
                 print(f"created keys/{key_id} ({algorithm.value}, product {product}, SBv2 slot {slot})")
+            for key in create_product_set(admin, components.keys, product):
+                print(f"created {key.name} ({key.purpose.value}, {key.algorithm.value})")
     finally:
         components.close()
 
@@ -144,7 +148,9 @@ def _key_json(key: Key) -> dict[str, object]:
             {
                 "name": v.name,
                 "state": v.state.value,
-                "sbv2_key_digest": sbv2.key_digest(v.algorithm, v.public_key_der).hex(),
+                "sbv2_key_digest": (
+                    sbv2.key_digest(v.algorithm, v.public_key_der).hex() if v.algorithm.is_signing else None
+                ),
             }
             for v in key.versions
         ],
@@ -167,6 +173,33 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         print(json.dumps(_key_json(key)))
     else:
         print(f"created {key.name} ({key.algorithm.value}) for product {key.product}")
+    return 0
+
+
+def create_product_set(admin: KeyAdministration, keys: KeyRepository, product: str) -> list[Key]:
+    """The manifest, KEK, registration and payload-seed keys of a product; existing ones are kept."""
+    have = {k.purpose for k in keys.list_keys(product)}
+    return [
+        admin.create_key(f"{product}-{suffix}", product, purpose, algorithm, None)
+        for suffix, purpose, algorithm in PRODUCT_KEY_SET
+        if purpose not in have
+    ]
+
+
+def cmd_keys_create_product_set(args: argparse.Namespace) -> int:
+    from kms.server.app import open_components
+
+    components = open_components(load_config(args.config))
+    try:
+        admin = KeyAdministration(components.hsm, components.keys)
+        created = create_product_set(admin, components.keys, args.product)
+    finally:
+        components.close()
+    if args.json:
+        print(json.dumps([_key_json(k) for k in created]))
+    else:
+        for key in created:
+            print(f"created {key.name} ({key.purpose.value}, {key.algorithm.value})")
     return 0
 
 
@@ -226,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--slot", type=int, help="Secure Boot V2 signature-block slot: 0, 1 or 2")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_keys_create)
+    product_set = keys.add_parser(
+        "create-product-set", help="create a product's manifest, KEK, registration and payload-seed keys"
+    )
+    product_set.add_argument("--config", type=Path, required=True)
+    product_set.add_argument("--product", required=True)
+    product_set.add_argument("--json", action="store_true")
+    product_set.set_defaults(func=cmd_keys_create_product_set)
     listing = keys.add_parser("list", help="list keys")
     listing.add_argument("--config", type=Path, required=True)
     listing.add_argument("--product")

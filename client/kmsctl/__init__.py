@@ -1,4 +1,5 @@
-"""kmsctl: the client library and command-line tool build servers use to sign firmware with the KMS.
+"""kmsctl: the client library and command-line tool for the firmware KMS: build servers sign firmware,
+factory stations register devices with their eFuse secrets, distribution servers fetch per-device payloads.
 
 The library talks to the service over gRPC with mutual TLS::
 
@@ -10,10 +11,20 @@ The library talks to the service over gRPC with mutual TLS::
         signature = kms.sign_digest("keys/artifacts", hashlib.sha256(data).digest(), encoding="der")
         efuse_digest = kms.get_public_key("keys/thermostat-sb0").sbv2_key_digest
 
-Every call has a deadline and is retried with exponential backoff on UNAVAILABLE only. Responses are
-checked on the client (CRC32C of digests, signatures and PEMs; size and SHA-256 of signed images; the
-Secure Boot V2 key digest recomputed from the public key); a failed check raises ``IntegrityError``. Every
-error is a ``KmsClientError`` (see ``kmsctl.errors``). The command-line tool is ``kmsctl.cli``.
+    with KmsClient.from_files(..., cert="factory-registrar.pem", key="factory-registrar.key") as kms:
+        rows = (DeviceRegistration(mac, "esp32s3", secret) for mac, secret in burned_devices())
+        summary = kms.register_devices("thermostat", rows)  # secrets wrapped for the HSM
+        print(summary.created, summary.unchanged, [(r.row, r.code) for r in summary.rejected])
+
+    with KmsClient.from_files(..., cert="distribution-server.pem", key="distribution-server.key") as kms:
+        kms.get_payload("24:6f:28:aa:bb:cc", release.name, output="ota.fksp", resume=True)
+
+Every call has a deadline and is retried with exponential backoff on UNAVAILABLE only; the long streams
+(device registration, payload download) have an idle deadline instead and resume where they broke.
+Responses are checked on the client (CRC32C of digests, signatures and PEMs; size and SHA-256 of signed
+images; the Secure Boot V2 key digest recomputed from the public key; payload sizes and headers); a failed
+check raises ``IntegrityError``. Every error is a ``KmsClientError`` (see ``kmsctl.errors``). The
+command-line tool is ``kmsctl.cli``.
 
 Everything public is importable from here; modules whose names start with ``_`` may change. ``KmsClient``
 and the message-size constants are imported on first use, so that importing ``kmsctl`` (and starting the
@@ -28,6 +39,9 @@ from typing import TYPE_CHECKING
 from kmsctl._files import ImageInput
 from kmsctl._models import (
     Algorithm,
+    DeviceInfo,
+    DeviceRegistration,
+    DeviceState,
     DigestSignature,
     EncodingName,
     HashName,
@@ -35,10 +49,21 @@ from kmsctl._models import (
     KeyPurpose,
     KeyVersionInfo,
     KeyVersionState,
+    PayloadDownload,
+    PayloadFormat,
+    PayloadFormatName,
+    PayloadInfo,
     ProgressCallback,
     PublicKeyInfo,
+    RegistrationKeyInfo,
+    RegistrationStatus,
+    RegistrationSummary,
     Release,
+    RowOutcome,
+    RowOutcomeCallback,
+    RowProgressCallback,
     SignedImage,
+    TransportName,
 )
 from kmsctl._retry import RetryPolicy
 from kmsctl._sbv2 import sbv2_key_digest
@@ -84,6 +109,9 @@ __all__ = [
     "AlreadyExistsError",
     "DataLossError",
     "DeadlineExceededError",
+    "DeviceInfo",
+    "DeviceRegistration",
+    "DeviceState",
     "DigestSignature",
     "EncodingName",
     "FailedPreconditionError",
@@ -98,14 +126,25 @@ __all__ = [
     "KmsClient",
     "KmsClientError",
     "NotFoundError",
+    "PayloadDownload",
+    "PayloadFormat",
+    "PayloadFormatName",
+    "PayloadInfo",
     "PermissionDeniedError",
     "ProgressCallback",
     "PublicKeyInfo",
+    "RegistrationKeyInfo",
+    "RegistrationStatus",
+    "RegistrationSummary",
     "Release",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "RowOutcome",
+    "RowOutcomeCallback",
+    "RowProgressCallback",
     "ServerError",
     "SignedImage",
+    "TransportName",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -14,6 +14,7 @@ that response is returned or left on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -23,22 +24,40 @@ from types import TracebackType
 from typing import Protocol, TypeVar
 
 import grpc
-from kmsapi.v1 import common_pb2, keys_pb2, signing_pb2
+from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 
 from kmsctl import _wire
 from kmsctl._files import AtomicFile, ImageInput, ImageSource
 from kmsctl._models import (
+    DeviceInfo,
+    DeviceRegistration,
     DigestSignature,
     EncodingName,
     HashName,
     KeyInfo,
+    PayloadDownload,
+    PayloadFormatName,
     ProgressCallback,
     PublicKeyInfo,
+    RegistrationKeyInfo,
+    RegistrationSummary,
     Release,
+    RowOutcomeCallback,
+    RowProgressCallback,
     SignedImage,
+    TransportName,
+)
+from kmsctl._payload import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, Download, MemorySink, PartFile, release_name
+from kmsctl._registration import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_WINDOW,
+    MAX_ROWS_PER_MESSAGE,
+    BatchKey,
+    Registration,
 )
 from kmsctl._retry import RetryPolicy, call_with_retry
 from kmsctl._sbv2 import describe_public_key
+from kmsctl._streams import ResumeBudget
 from kmsctl.errors import IntegrityError, InvalidArgumentError
 
 #: Bytes of image per upload message. The server accepts at most 256 KiB per chunk; 64-256 KiB messages
@@ -151,6 +170,41 @@ class KmsClient:
                 request_serializer=keys_pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=keys_pb2.ListKeysResponse.FromString,
             )
+        )
+        self._get_registration_key: grpc.UnaryUnaryMultiCallable[
+            devices_pb2.GetRegistrationKeyRequest, devices_pb2.RegistrationKey
+        ] = channel.unary_unary(
+            _wire.GET_REGISTRATION_KEY,
+            request_serializer=devices_pb2.GetRegistrationKeyRequest.SerializeToString,
+            response_deserializer=devices_pb2.RegistrationKey.FromString,
+        )
+        self._register_devices: grpc.StreamStreamMultiCallable[
+            devices_pb2.RegisterDevicesRequest, devices_pb2.RegisterDevicesResponse
+        ] = channel.stream_stream(
+            _wire.REGISTER_DEVICES,
+            request_serializer=devices_pb2.RegisterDevicesRequest.SerializeToString,
+            response_deserializer=devices_pb2.RegisterDevicesResponse.FromString,
+        )
+        self._get_device: grpc.UnaryUnaryMultiCallable[
+            devices_pb2.GetDeviceRequest, devices_pb2.DeviceInfo
+        ] = channel.unary_unary(
+            _wire.GET_DEVICE,
+            request_serializer=devices_pb2.GetDeviceRequest.SerializeToString,
+            response_deserializer=devices_pb2.DeviceInfo.FromString,
+        )
+        self._revoke_device: grpc.UnaryUnaryMultiCallable[
+            devices_pb2.RevokeDeviceRequest, devices_pb2.DeviceInfo
+        ] = channel.unary_unary(
+            _wire.REVOKE_DEVICE,
+            request_serializer=devices_pb2.RevokeDeviceRequest.SerializeToString,
+            response_deserializer=devices_pb2.DeviceInfo.FromString,
+        )
+        self._get_payload: grpc.UnaryStreamMultiCallable[
+            devices_pb2.GetPayloadRequest, devices_pb2.GetPayloadResponse
+        ] = channel.unary_stream(
+            _wire.GET_PAYLOAD,
+            request_serializer=devices_pb2.GetPayloadRequest.SerializeToString,
+            response_deserializer=devices_pb2.GetPayloadResponse.FromString,
         )
 
     def close(self) -> None:
@@ -299,6 +353,178 @@ class KmsClient:
         """Every key, or only ``product``'s, with its versions."""
         response = self._unary(self._list_keys, keys_pb2.ListKeysRequest(product=product or ""))
         return [_wire.key(key) for key in response.keys]
+
+    # -- devices (factory stations, security officers) ------------------------------------------------
+
+    def registration_key(self, product: str) -> RegistrationKeyInfo:
+        """``product``'s registration transport key (RSA-3072, PEM) that batch keys are wrapped to.
+        Raises ``IntegrityError`` if it is not an RSA key of at least 3072 bits."""
+        response = self._unary(
+            self._get_registration_key, devices_pb2.GetRegistrationKeyRequest(product=product)
+        )
+        info = RegistrationKeyInfo(key_version=response.key_version, pem=response.pem)
+        BatchKey(info).wipe()  # checks the key
+        return info
+
+    def register_devices(
+        self,
+        product: str,
+        rows: Iterable[DeviceRegistration],
+        *,
+        transport: TransportName = "wrapped",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        window: int = DEFAULT_WINDOW,
+        progress: RowProgressCallback | None = None,
+        on_outcome: RowOutcomeCallback | None = None,
+    ) -> RegistrationSummary:
+        """Register devices of ``product`` with their eFuse secrets, in one stream of any length.
+
+        ``transport`` "wrapped" (the default) wraps every secret under a random batch key that only the
+        server's HSM can unwrap (see ``registration_key``); "plain" sends the secrets as they are, protected
+        by mutual TLS only. Rows go out ``batch_size`` (1-1000) to a message with at most ``window``
+        messages unacknowledged, so ``rows`` may be a generator over millions of rows and is read only as
+        fast as the server commits them. When the stream breaks with UNAVAILABLE the call reconnects and
+        resumes at the first unacknowledged row (registering a row again is a no-op on the server); the
+        client's ``RetryPolicy`` bounds the attempts in a row that make no progress.
+
+        A row the server refuses does not fail the call: it is in ``RegistrationSummary.rejected`` with
+        the status name (``ALREADY_EXISTS`` when the device is registered with another secret) and the
+        server's message. For each acknowledged message, ``on_outcome(outcome)`` is called for each of its
+        rows in order, then ``progress(rows_done, len(rows) or None)``; both run on the caller's thread (an
+        exception they raise ends the call), and ``progress(0, ...)`` is called first. A whole-stream
+        failure (unknown product, permission, retries exhausted) raises; rows acknowledged before it are
+        registered and were reported to the callbacks.
+        """
+        if transport not in ("wrapped", "plain"):
+            raise InvalidArgumentError(f"unknown transport {transport!r}; expected wrapped or plain")
+        if not 1 <= batch_size <= MAX_ROWS_PER_MESSAGE:
+            raise InvalidArgumentError(f"batch_size must be 1-{MAX_ROWS_PER_MESSAGE}, not {batch_size}")
+        if window < 1:
+            raise InvalidArgumentError("window must be at least 1")
+        header = devices_pb2.RegisterDevicesHeader(product=product)
+        batch_key: BatchKey | None = None
+        if transport == "wrapped":
+            batch_key = BatchKey(self.registration_key(product))
+            header.transport_key_version = batch_key.key_version
+            header.wrapped_batch_key = batch_key.wrapped
+        try:
+            return Registration(
+                self._register_devices,
+                header,
+                rows,
+                batch_key,
+                batch_size=batch_size,
+                window=window,
+                progress=progress,
+                on_outcome=on_outcome,
+                budget=ResumeBudget(self._retries, self._rng),
+                idle_timeout=self._timeout,
+            ).run()
+        finally:
+            if batch_key is not None:
+                batch_key.wipe()
+                del batch_key
+
+    def device(self, device_id: str) -> DeviceInfo:
+        """A registered device (never its secret). ``NotFoundError`` if there is none."""
+        return _wire.device_info(
+            self._unary(self._get_device, devices_pb2.GetDeviceRequest(device_id=device_id))
+        )
+
+    def revoke_device(self, device_id: str) -> DeviceInfo:
+        """Revoke a device: it gets no payload from now on. Revoking a revoked device is a no-op."""
+        request = devices_pb2.RevokeDeviceRequest(device_id=device_id)
+        return _wire.device_info(self._unary(self._revoke_device, request))
+
+    # -- payloads (distribution servers) --------------------------------------------------------------
+
+    def get_payload(
+        self,
+        device_id: str,
+        release: str,
+        *,
+        format: PayloadFormatName = "fksp",
+        segment_size: int | None = None,
+        device_secure_version: int | None = None,
+        output: str | os.PathLike[str] | None = None,
+        offset: int = 0,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> PayloadDownload:
+        """Download the payload of ``release`` (``releases/{hex}`` or the bare hex) sealed for ``device_id``.
+
+        ``format`` "fksp" is the sealed format of docs/sealed-payload-v1.md (``segment_size``: plaintext
+        bytes per segment, 256-1048576, default 4096); "esp-encrypted-img" is Espressif's pre-encrypted
+        OTA format (the device needs a registered ECIES key). ``device_secure_version`` makes the server
+        refuse a release below the device's anti-rollback floor (``FailedPreconditionError``).
+
+        Without ``output`` the payload bytes from ``offset`` on are returned in ``data``. With it, they go
+        to ``OUTPUT.part``, renamed to ``output`` once complete; with ``resume`` an existing ``.part`` is
+        continued (after checking that its last bytes match). A stream that breaks (UNAVAILABLE, or ends
+        early) is resumed at the byte it reached, under the client's ``RetryPolicy`` (attempts in a row
+        without progress). The total size is checked, and so is the payload's header (FKSP: layout, device
+        id, the release's image SHA-256; esp_encrypted_img: magic and size); a mismatch raises
+        ``IntegrityError`` and leaves no file. After UNAVAILABLE, DEADLINE_EXCEEDED or an interruption the
+        ``.part`` is kept for a resumed call. ``progress(position, total_size)`` runs on the caller's thread.
+        """
+        wire_format = _wire.PAYLOAD_FORMATS.get(format)
+        if wire_format is None:
+            raise InvalidArgumentError(
+                f"unknown payload format {format!r}; expected fksp or esp-encrypted-img"
+            )
+        if segment_size is not None:
+            if format != "fksp":
+                raise InvalidArgumentError("segment_size applies to the fksp format only")
+            if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+                raise InvalidArgumentError(
+                    f"segment_size must be {MIN_SEGMENT_SIZE}-{MAX_SEGMENT_SIZE}, not {segment_size}"
+                )
+        if device_secure_version is not None and not 0 <= device_secure_version < 1 << 32:
+            raise InvalidArgumentError("device_secure_version must be a 32-bit unsigned number")
+        if offset < 0:
+            raise InvalidArgumentError("offset must not be negative")
+        if offset and output is not None:
+            raise InvalidArgumentError("offset applies to downloads into memory; use resume with output")
+        request = devices_pb2.GetPayloadRequest(
+            device_id=device_id,
+            release=release_name(release),
+            format=wire_format,
+            segment_size=segment_size or 0,
+        )
+        if device_secure_version is not None:
+            request.device_secure_version = device_secure_version
+        expected_format = _wire.payload_format(wire_format)
+        budget = ResumeBudget(self._retries, self._rng)
+
+        def download(sink: MemorySink | PartFile) -> PayloadDownload:
+            info = Download(
+                self._get_payload,
+                request,
+                expected_format,
+                sink,
+                progress=progress,
+                budget=budget,
+                idle_timeout=self._timeout,
+            ).run()
+            return PayloadDownload(
+                info=info, data=None, path=None, start_offset=sink.start, resumes=budget.resumes
+            )
+
+        if output is None:
+            memory = MemorySink(offset)
+            result = download(memory)
+            return dataclasses.replace(result, data=memory.data())
+        part = PartFile(output, resume=resume)
+        try:
+            result = download(part)
+            part.commit()
+        except IntegrityError:
+            part.discard()  # its content cannot be trusted
+            raise
+        except BaseException:
+            part.close()  # kept for a resumed call, unless empty
+            raise
+        return dataclasses.replace(result, path=part.output)
 
     def _unary(self, rpc: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
         def attempt() -> _Response:

@@ -221,11 +221,13 @@ RowOutcomeCallback = Callable[[RowOutcome], None]
 
 @dataclass(frozen=True)
 class RegistrationSummary:
-    """The outcome of ``register_devices``: counts, and every rejected row in row order."""
+    """The outcome of ``register_devices``: counts, and every rejected row in row order.
+    ``transport_key_version`` is the registration key the secrets were wrapped to ("" for plain)."""
 
     created: int
     unchanged: int
     rejected: list[RowOutcome]
+    transport_key_version: str = ""
 
     @property
     def total(self) -> int:

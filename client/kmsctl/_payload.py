@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from kmsapi.v1 import devices_pb2
@@ -39,7 +39,8 @@ _ESP_HEADER = 512
 _ESP_MAGIC = 0x0788B6CF
 _RELEASE_PREFIX = "releases/"
 
-_Rpc = grpc.UnaryStreamMultiCallable[devices_pb2.GetPayloadRequest, devices_pb2.GetPayloadResponse]
+if TYPE_CHECKING:
+    _Rpc = grpc.UnaryStreamMultiCallable[devices_pb2.GetPayloadRequest, devices_pb2.GetPayloadResponse]
 
 
 class _StaleResume(Exception):
@@ -119,7 +120,7 @@ class PartFile:
             self._file.seek(self.start - min(self.start, RESUME_OVERLAP))
             self._tail = self._file.read()
         else:
-            self._file = self.path.open("wb")
+            self._file = self.path.open("w+b")
         self._end = self.start
         self.may_be_stale = self.start > 0
 
@@ -288,7 +289,9 @@ class Download:
                 f"asked for {request.segment_size}-byte segments, the server sent {info.segment_size}"
             )
         if info.offset != offset:
-            raise IntegrityError(f"asked for the payload from byte {offset}, the server sent byte {info.offset}")
+            raise IntegrityError(
+                f"asked for the payload from byte {offset}, the server sent byte {info.offset}"
+            )
         if info.total_size < self._sink.end:
             if self._sink.may_be_stale:
                 raise _StaleResume  # the .part is longer than this payload
@@ -376,4 +379,3 @@ def _release_digest(release: str) -> bytes | None:
 def release_name(text: str) -> str:
     """``releases/{hex}`` for a release name or its bare hex digest."""
     return text if text.startswith(_RELEASE_PREFIX) else f"{_RELEASE_PREFIX}{text.lower()}"
-

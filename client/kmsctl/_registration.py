@@ -29,6 +29,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,7 +58,10 @@ DEFAULT_WINDOW = 4
 BATCH_KEY_SIZE = 32
 _MIN_RSA_BITS = 3072
 
-_Rpc = grpc.StreamStreamMultiCallable[devices_pb2.RegisterDevicesRequest, devices_pb2.RegisterDevicesResponse]
+if TYPE_CHECKING:
+    _Rpc = grpc.StreamStreamMultiCallable[
+        devices_pb2.RegisterDevicesRequest, devices_pb2.RegisterDevicesResponse
+    ]
 
 
 class BatchKey:
@@ -109,7 +113,7 @@ class _Attempt:
     def requests(self) -> Iterator[devices_pb2.RegisterDevicesRequest]:
         try:
             yield from self._stream.requests(self._generation)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- handed to the caller's thread, which re-raises it
             # gRPC would log the exception and cancel the call as UNKNOWN; keep it for the caller instead.
             self.error = error
             self._call_set.wait()
@@ -166,7 +170,12 @@ class Registration:
                 break
             except UnavailableError as error:
                 self._budget.failed(error, progressed=self._done > before)
-        return RegistrationSummary(created=self._created, unchanged=self._unchanged, rejected=self._rejected)
+        return RegistrationSummary(
+            created=self._created,
+            unchanged=self._unchanged,
+            rejected=self._rejected,
+            transport_key_version=self._batch_key.key_version if self._batch_key is not None else "",
+        )
 
     # -- the caller's thread -----------------------------------------------------------------------------
 
@@ -193,7 +202,8 @@ class Registration:
                 raise attempt.error from None
             if watchdog.expired:
                 raise DeadlineExceededError(
-                    f"the server acknowledged nothing for {self._idle_timeout:g} seconds", code="DEADLINE_EXCEEDED"
+                    f"the server acknowledged nothing for {self._idle_timeout:g} seconds",
+                    code="DEADLINE_EXCEEDED",
                 ) from error
             raise _wire.translate(error) from error
         finally:

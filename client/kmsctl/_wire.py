@@ -178,6 +178,10 @@ _PAYLOAD_FORMATS: dict[int, PayloadFormat] = {
 }
 
 
+def payload_format(value: int) -> PayloadFormat:
+    return _PAYLOAD_FORMATS.get(value, PayloadFormat.UNSPECIFIED)
+
+
 def status_name(code: int) -> str:
     """``"ALREADY_EXISTS"`` for 6: the google.rpc.Code name of a number a message carries."""
     return _STATUS_NAMES.get(code, f"CODE_{code}")
@@ -210,7 +214,7 @@ def device_info(message: devices_pb2.DeviceInfo) -> DeviceInfo:
 
 def payload_info(message: devices_pb2.PayloadInfo) -> PayloadInfo:
     return PayloadInfo(
-        format=_PAYLOAD_FORMATS.get(message.format, PayloadFormat.UNSPECIFIED),
+        format=payload_format(message.format),
         total_size=message.total_size,
         device_id=message.device_id,
         release=message.release,

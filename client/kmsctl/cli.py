@@ -1,4 +1,4 @@
-"""kmsctl: sign firmware images and digests with the firmware KMS, from a build server.
+"""kmsctl: sign firmware with the firmware KMS, register devices at the factory, fetch device payloads.
 
 Synopsis::
 
@@ -7,6 +7,13 @@ Synopsis::
     kmsctl public-key NAME [-o PEM]
     kmsctl efuse-digest NAME -o DIGEST.bin
     kmsctl keys list [--product PRODUCT]
+    kmsctl devices new-secret -o KEY.bin [--ecies]
+    kmsctl devices register --product PRODUCT (--csv FILE | --jsonl FILE) [--plain-secrets]
+                            [--state-file FILE] [--batch-size N]
+    kmsctl devices show DEVICE_ID
+    kmsctl devices revoke DEVICE_ID
+    kmsctl payload get --device DEVICE_ID --release NAME [--format fksp|esp-encrypted-img]
+                       [--segment-size N] [--device-secure-version N] -o OUT
 
 Every command takes the connection options ``--server HOST:PORT`` (env ``KMSCTL_SERVER``, default
 ``localhost:50051``), ``--ca``, ``--cert``, ``--tls-key`` (env ``KMSCTL_CA``, ``KMSCTL_CERT``,
@@ -14,8 +21,23 @@ Every command takes the connection options ``--server HOST:PORT`` (env ``KMSCTL_
 ``--server-name``, ``--timeout``, ``--retries``, ``--json`` and ``-q/--quiet``. A file that
 ``--ca``/``--cert``/``--tls-key`` do not name comes from the development PKI that ``kms init`` creates:
 ``STATE_DIR/pki/ca.pem``, ``STATE_DIR/pki/clients/ROLE.pem`` and ``STATE_DIR/pki/clients/ROLE.key``,
-where STATE_DIR is ``--state-dir`` (env ``KMS_STATE_DIR``, default ``./.kms``) and ROLE is ``--identity``
-(default ``build-server``). A key NAME is ``keys/ID``, ``keys/ID/versions/N``, or just ``ID``.
+where STATE_DIR is ``--state-dir`` (env ``KMS_STATE_DIR``, default ``./.kms``) and ROLE is ``--identity``,
+by default the role the command is for: ``build-server`` (sign, sign-digest, public-key, efuse-digest, keys),
+``factory-registrar`` (devices register, devices show), ``security-officer`` (devices revoke),
+``distribution-server`` (payload get). A key NAME is ``keys/ID``, ``keys/ID/versions/N``, or just ``ID``;
+a release NAME is ``releases/HEX`` or just the hex SHA-256. ``devices new-secret`` works offline.
+
+``devices register`` reads CSV (header line) or JSON Lines with the fields device_id, chip, secret (hex) or
+secret_file (a 32-byte file), and optionally ecies_public_key (hex); see ``kmsctl._device_input``. Rows
+are numbered by their line in the file. Malformed rows are reported and not sent; the others go to the
+server with their secrets wrapped for its HSM (``--plain-secrets``: in plaintext, under mutual TLS only).
+Progress is saved after every acknowledgement in FILE.kmsctl-progress (``--state-file``), so running the
+same command again after an interruption skips the rows already registered; the file is removed when the
+whole input has been processed. The summary counts created, unchanged (registered before with the same
+secret) and rejected rows, and lists the rejected rows on stderr (all of them in ``--json``).
+
+``payload get`` downloads to OUT.part and renames it to OUT once complete and checked; a broken download is
+resumed automatically, and an interrupted command resumes from OUT.part when run again.
 
 Output files are written atomically (a temporary file beside the target, renamed over it once complete and
 checked), so a failed command never leaves a partial file. ``--json`` prints one JSON object on stdout, also
@@ -35,6 +57,11 @@ Exit codes:
     7  server unavailable after retries, or deadline exceeded
     8  integrity check failed or data lost (a response did not match its checksum)
     130 interrupted
+
+``devices register`` exits 0 when every row was registered (created or unchanged), 3 when any row was
+rejected as invalid (malformed in the file or refused by the server; this wins over 5), 5 when rows were
+refused only because the device is registered with another secret (ALREADY_EXISTS); counts include the
+earlier runs of a resumed registration. Whole-command failures use the codes above.
 """
 
 from __future__ import annotations
@@ -48,7 +75,8 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -57,8 +85,20 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from kmsctl import errors
+from kmsctl._device_input import DeviceInput, InputError, InputFormat, InputRow, RegisterState
 from kmsctl._files import atomic_write
-from kmsctl._models import EncodingName, HashName, KeyInfo, ProgressCallback
+from kmsctl._models import (
+    SECRET_SIZE,
+    DeviceInfo,
+    DeviceRegistration,
+    EncodingName,
+    HashName,
+    KeyInfo,
+    PayloadFormatName,
+    ProgressCallback,
+    RegistrationStatus,
+    RowOutcome,
+)
 from kmsctl._retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -107,14 +147,26 @@ class BadInputError(Exception):
 @dataclasses.dataclass
 class Outcome:
     """What a command reports: ``data`` for --json; ``summary`` for people (silenced by --quiet);
-    ``payload``, the requested output itself when it goes to stdout (printed even with --quiet)."""
+    ``payload``, the requested output itself when it goes to stdout (printed even with --quiet);
+    ``problems``, lines for stderr (not with --json, where ``data`` carries them); ``exit_code``."""
 
     data: dict[str, Any]
     summary: str = ""
     payload: str = ""
+    problems: str = ""
+    exit_code: int = EXIT_OK
 
 
 Command = Callable[[argparse.Namespace, "KmsClient"], Outcome]
+LocalCommand = Callable[[argparse.Namespace], Outcome]
+
+# The role each command is for, as the dev PKI names its client certificates.
+BUILD_SERVER = "build-server"
+FACTORY_REGISTRAR = "factory-registrar"
+SECURITY_OFFICER = "security-officer"
+DISTRIBUTION_SERVER = "distribution-server"
+#: Rejected rows listed on stderr at most (--json lists them all).
+_REJECTED_SHOWN = 50
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
-        with _connect(args) as client:
-            outcome: Outcome = args.command(args, client)
+        outcome: Outcome
+        if args.local_command is not None:
+            outcome = args.local_command(args)
+        else:
+            with _connect(args) as client:
+                outcome = args.command(args, client)
     except KeyboardInterrupt:
         return _report_error(args, "CANCELLED", "interrupted", EXIT_INTERRUPTED)
     except errors.KmsClientError as error:
@@ -148,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(outcome.payload)
         if outcome.summary and not args.quiet:
             print(outcome.summary)
-    return EXIT_OK
+        if outcome.problems:
+            print(outcome.problems, file=sys.stderr)
+    return outcome.exit_code
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -157,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sign(args: argparse.Namespace, client: KmsClient) -> Outcome:
     image = Path(args.image)
     show_progress = not (args.json or args.quiet) and sys.stderr.isatty()
-    with _ProgressBar(enabled=show_progress, description=image.name) as bar:
+    with _ProgressBar(enabled=show_progress, description=f"upload {image.name}") as bar:
         signed = client.sign_image(args.product, image, progress=bar.callback, output=args.output)
     release = signed.release
     data = {**_json_value(release), "output": str(args.output)}
@@ -265,15 +323,290 @@ def _key_table(keys: Sequence[KeyInfo]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
+# -- devices and payloads ----------------------------------------------------------------------------
+
+
+def _devices_new_secret(args: argparse.Namespace) -> Outcome:
+    output = Path(args.output)
+    secret = bytearray(os.urandom(SECRET_SIZE))
+    try:
+        ecies = _ecies_public_key(secret) if args.ecies else None
+        _write_new_secret(output, secret)
+    finally:
+        secret[:] = bytes(SECRET_SIZE)
+    data: dict[str, Any] = {"output": str(output), "size": SECRET_SIZE, "mode": "0600"}
+    lines = [
+        f"wrote a new {SECRET_SIZE}-byte eFuse secret to {output} (mode 0600)",
+        f"  burn it with: espefuse burn-key BLOCK_KEYn {output} HMAC_UP",
+    ]
+    if ecies is not None:
+        data["ecies_public_key"] = ecies.hex()
+        lines.append(f"  ecies public key (X||Y): {ecies.hex()}")
+    return Outcome(data, "\n".join(lines))
+
+
+def _ecies_public_key(secret: bytearray) -> bytes:
+    """The esp_encrypted_img ECIES public key (X||Y) a device with ``secret`` as its HMAC_UP key exports.
+    Draws a new secret in the (2^-32) case where the secret gives no usable key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from kmsctl.device.esp_encrypted_img import ImageRejected, device_public_key_der, efuse_hmac_from_secret
+
+    while True:
+        try:
+            der = device_public_key_der(efuse_hmac_from_secret(bytes(secret)))
+            break
+        except ImageRejected:
+            secret[:] = os.urandom(SECRET_SIZE)
+    key = serialization.load_der_public_key(der)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)[1:]
+
+
+def _write_new_secret(output: Path, secret: bytearray) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(output, flags, 0o600)
+    except FileExistsError:
+        raise BadInputError(f"{output} exists; kmsctl never overwrites a secret") from None
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            if hasattr(os, "fchmod"):
+                os.fchmod(file.fileno(), 0o600)
+            file.write(secret)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
+
+
+class _RegisterRun:
+    """Counts and state of one ``devices register`` run: feeds the rows, records every acknowledgement in
+    the state file, keeps malformed rows until the rows around them are acknowledged."""
+
+    def __init__(self, state: RegisterState, state_path: Path, bar: _ProgressBar, total: int | None) -> None:
+        self.state = state
+        self._state_path = state_path
+        self._bar = bar
+        self._total = total
+        self._lock = threading.Lock()
+        self._malformed: list[InputRow] = []  # read (on gRPC's thread), not yet counted
+        self._counted_malformed = 0
+        self._last_row = state.last_row
+        self.rejected: list[dict[str, Any]] = []  # this run's
+
+    def rows(self, source: DeviceInput, after: int) -> Iterator[DeviceRegistration]:
+        for item in source:
+            if item.row <= after:
+                continue
+            if item.registration is None:
+                with self._lock:
+                    self._malformed.append(item)
+                continue
+            yield item.registration
+
+    def outcome(self, outcome: RowOutcome) -> None:
+        if outcome.status is RegistrationStatus.CREATED:
+            self.state.created += 1
+        elif outcome.status is RegistrationStatus.UNCHANGED:
+            self.state.unchanged += 1
+        else:
+            self.rejected.append(
+                self.state.record(outcome.row, outcome.device_id, outcome.code, outcome.message)
+            )
+        self._last_row = outcome.row
+
+    def progress(self, done: int, total: int | None) -> None:
+        if done == 0:
+            return
+        self._count_malformed(up_to=self._last_row)
+        self.state.last_row = self._last_row
+        self.state.save(self._state_path)
+        self._bar.update(done + self._counted_malformed, self._total)
+
+    def finish(self) -> None:
+        self._count_malformed(up_to=None)
+
+    def _count_malformed(self, up_to: int | None) -> None:
+        with self._lock:
+            ready = [item for item in self._malformed if up_to is None or item.row <= up_to]
+            self._malformed = self._malformed[len(ready) :]  # rows arrive in order
+        for item in ready:
+            self.rejected.append(self.state.record(item.row, item.device_id, "INVALID_ARGUMENT", item.error))
+        self._counted_malformed += len(ready)
+
+
+def _devices_register(args: argparse.Namespace, client: KmsClient) -> Outcome:
+    kind: InputFormat = "csv" if args.csv is not None else "jsonl"
+    path = Path(args.csv if args.csv is not None else args.jsonl)
+    state_path = Path(args.state_file) if args.state_file else path.with_name(f"{path.name}.kmsctl-progress")
+    try:
+        source = DeviceInput(path, kind)
+        state = RegisterState.load(state_path)
+    except InputError as error:
+        raise BadInputError(f"{path}: {error}") from None
+    digest = source.sha256()
+    if state is None:
+        state = RegisterState(product=args.product, input=str(path), input_sha256=digest)
+    elif state.input_sha256 != digest or state.product != args.product:
+        raise BadInputError(
+            f"{state_path} records the progress of another registration (a different input file or "
+            "product); delete it to start over (registering the same devices again is harmless)"
+        )
+    resumed_after = state.last_row
+    earlier = list(state.rejected)  # details of the earlier runs' rejected rows (up to a limit)
+    show_progress = not (args.json or args.quiet) and sys.stderr.isatty()
+    total = source.count(after=resumed_after) if show_progress else None
+    if args.plain_secrets and not args.quiet and not args.json:
+        print("kmsctl: warning: sending eFuse secrets in plaintext (mutual TLS only)", file=sys.stderr)
+    with _ProgressBar(enabled=show_progress, description=f"register {path.name}", unit="dev") as bar:
+        run = _RegisterRun(state, state_path, bar, total)
+        try:
+            summary = client.register_devices(
+                args.product,
+                run.rows(source, resumed_after),
+                transport="plain" if args.plain_secrets else "wrapped",
+                batch_size=args.batch_size,
+                progress=run.progress,
+                on_outcome=run.outcome,
+            )
+        except errors.KmsClientError as error:
+            if state.last_row == 0:
+                raise
+            hint = f"; progress saved in {state_path}: run again to resume after row {state.last_row}"
+            raise type(error)(error.message + hint, code=error.code) from error
+        run.finish()
+    state_path.unlink(missing_ok=True)
+    return _register_outcome(
+        args, path, state, earlier, run.rejected, summary.transport_key_version, resumed_after
+    )
+
+
+def _register_outcome(
+    args: argparse.Namespace,
+    path: Path,
+    state: RegisterState,
+    earlier: list[dict[str, Any]],
+    rejected_now: list[dict[str, Any]],
+    transport_key_version: str,
+    resumed_after: int,
+) -> Outcome:
+    rejected = sorted([*earlier, *rejected_now], key=lambda entry: int(entry["row"]))
+    rejected_count = state.invalid + state.conflicts
+    exit_code = EXIT_INVALID if state.invalid else EXIT_PRECONDITION if state.conflicts else EXIT_OK
+    data: dict[str, Any] = {
+        "product": args.product,
+        "input": str(path),
+        "transport": "plain" if args.plain_secrets else "wrapped",
+        "transport_key_version": transport_key_version,
+        "created": state.created,
+        "unchanged": state.unchanged,
+        "rejected_count": rejected_count,
+        "invalid": state.invalid,
+        "conflicts": state.conflicts,
+        "rejected": rejected,
+        "resumed_after_row": resumed_after,
+    }
+    how = (
+        f"secrets wrapped for {transport_key_version}"
+        if transport_key_version
+        else "secrets in plaintext under mutual TLS"
+    )
+    lines = [f"registered the devices of {path} for product {args.product} ({how})"]
+    if resumed_after:
+        lines.append(f"  resumed after row {resumed_after}; the counts include the earlier runs")
+    lines += _rows(
+        ("created", str(state.created)),
+        ("unchanged", str(state.unchanged)),
+        ("rejected", f"{rejected_count} ({state.invalid} invalid, {state.conflicts} already registered)"),
+    )
+    problems = [
+        f"kmsctl: row {entry['row']} ({entry['device_id'] or '?'}): {entry['code']}: {entry['message']}"
+        for entry in rejected[:_REJECTED_SHOWN]
+    ]
+    if rejected_count > len(problems):
+        problems.append(f"kmsctl: ... {rejected_count - len(problems)} more rejected rows (see --json)")
+    return Outcome(data, "\n".join(lines), problems="\n".join(problems), exit_code=exit_code)
+
+
+def _devices_show(args: argparse.Namespace, client: KmsClient) -> Outcome:
+    device = client.device(args.device_id)
+    return Outcome(_json_value(device), _device_summary(f"device {device.device_id}", device))
+
+
+def _devices_revoke(args: argparse.Namespace, client: KmsClient) -> Outcome:
+    device = client.revoke_device(args.device_id)
+    return Outcome(_json_value(device), _device_summary(f"revoked device {device.device_id}", device))
+
+
+def _device_summary(title: str, device: DeviceInfo) -> str:
+    return "\n".join(
+        [
+            title,
+            *_rows(
+                ("product", device.product),
+                ("chip", device.chip),
+                ("state", device.state.value),
+                ("kek version", device.kek_version),
+                ("ecies key", "yes" if device.has_ecies_public_key else "no"),
+                ("registered by", device.registered_by),
+                ("registered at", device.register_time.isoformat() if device.register_time else ""),
+            ),
+        ]
+    )
+
+
+def _payload_get(args: argparse.Namespace, client: KmsClient) -> Outcome:
+    output = Path(args.output)
+    payload_format: PayloadFormatName = args.format
+    show_progress = not (args.json or args.quiet) and sys.stderr.isatty()
+    with _ProgressBar(enabled=show_progress, description=f"download {output.name}") as bar:
+        download = client.get_payload(
+            args.device,
+            args.release,
+            format=payload_format,
+            segment_size=args.segment_size,
+            device_secure_version=args.device_secure_version,
+            output=output,
+            resume=True,
+            progress=bar.callback,
+        )
+    info = download.info
+    data = {
+        **_json_value(info),
+        "output": str(output),
+        "resumed_from": download.start_offset,
+        "resumes": download.resumes,
+    }
+    resumed = f" (resumed at byte {download.start_offset})" if download.start_offset else ""
+    summary = "\n".join(
+        [
+            f"wrote the {info.format.value} payload of {info.release} for device {info.device_id} "
+            f"to {output}{resumed}",
+            *_rows(
+                ("size", f"{info.total_size} bytes"),
+                ("secure_version", str(info.secure_version)),
+                ("segment size", str(info.segment_size) if info.segment_size else ""),
+                ("manifest key", info.manifest_key_version),
+            ),
+        ]
+    )
+    return Outcome(data, summary)
+
+
 # -- helpers -----------------------------------------------------------------------------------------
 
 
 class _ProgressBar:
-    """An upload progress bar on stderr, or nothing. Fed from gRPC's thread; restarts on a retry."""
+    """A progress bar on stderr, or nothing. Fed by a callback (possibly from gRPC's thread); goes back
+    when a retried upload restarts."""
 
-    def __init__(self, *, enabled: bool, description: str) -> None:
+    def __init__(self, *, enabled: bool, description: str, unit: str = "B") -> None:
         self._enabled = enabled
         self._description = description
+        self._unit = unit
         self._bar: tqdm[Any] | None = None
 
     def __enter__(self) -> _ProgressBar:
@@ -287,30 +620,36 @@ class _ProgressBar:
     def callback(self) -> ProgressCallback | None:
         return self._update if self._enabled else None
 
-    def _update(self, sent: int, total: int) -> None:
+    def update(self, position: int, total: int | None) -> None:
+        if self._enabled:
+            self._update(position, total)
+
+    def _update(self, position: int, total: int | None) -> None:
         if self._bar is None:
+            in_bytes = self._unit == "B"
             self._bar = tqdm(
                 total=total,
-                desc=f"upload {self._description}",
-                unit="B",
-                unit_scale=True,
+                desc=self._description,
+                unit=self._unit,
+                unit_scale=in_bytes,
                 unit_divisor=1024,
                 file=sys.stderr,
                 leave=False,
             )
-        if sent < self._bar.n:
+        if position < self._bar.n:
             self._bar.reset(total=total)
-        self._bar.update(sent - self._bar.n)
+        self._bar.update(position - self._bar.n)
 
 
 def _connect(args: argparse.Namespace) -> KmsClient:
     from kmsctl._client import KmsClient  # loads gRPC: see main()
 
     state = Path(args.state_dir)
+    identity = args.identity or args.default_identity
     files = {
         "CA certificate": (args.ca, state / "pki" / "ca.pem", "--ca"),
-        "client certificate": (args.cert, state / "pki" / "clients" / f"{args.identity}.pem", "--cert"),
-        "client key": (args.tls_key, state / "pki" / "clients" / f"{args.identity}.key", "--tls-key"),
+        "client certificate": (args.cert, state / "pki" / "clients" / f"{identity}.pem", "--cert"),
+        "client key": (args.tls_key, state / "pki" / "clients" / f"{identity}.key", "--tls-key"),
     }
     paths: dict[str, Path] = {}
     for label, (given, default, option) in files.items():
@@ -393,26 +732,36 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser; each leaf command sets ``command`` to its function."""
     parser = argparse.ArgumentParser(
         prog="kmsctl",
-        description="Sign firmware images and digests with the firmware KMS (mutual TLS).",
+        description="Sign firmware, register devices and fetch device payloads with the firmware KMS "
+        "(mutual TLS).",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    common = _connection_options()
+    connection = _connection_options()
+    output = _output_options()
 
-    def add(subparsers: Any, name: str, summary: str, command: Command) -> argparse.ArgumentParser:
+    def add(
+        subparsers: Any,
+        name: str,
+        summary: str,
+        command: Command,
+        *,
+        identity: str = BUILD_SERVER,
+        epilog: str = "",
+    ) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = subparsers.add_parser(
             name,
             help=summary,
             description=summary,
-            parents=[common],
-            epilog=_EXIT_CODES_HELP,
+            parents=[connection, output],
+            epilog=f"{epilog}default --identity: {identity}\n\n{_EXIT_CODES_HELP}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
             allow_abbrev=False,
         )
-        sub.set_defaults(command=command)
+        sub.set_defaults(command=command, local_command=None, default_identity=identity)
         return sub
 
     sign = add(commands, "sign", "Sign an ESP app image with its product's Secure Boot V2 keys.", _sign)
@@ -452,7 +801,136 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(title="commands", metavar="COMMAND", required=True)
     listing = add(key_commands, "list", "List keys and their versions.", _keys_list)
     listing.add_argument("--product", help="only this product's keys")
+
+    devices = commands.add_parser(
+        "devices", help="Register and manage devices (factory).", description="Register and manage devices."
+    )
+    device_commands = devices.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    new_key_help = (
+        "Write a new random 32-byte eFuse secret (mode 0600; never overwrites), the file "
+        "`espefuse burn-key BLOCK_KEYn KEY.bin HMAC_UP` burns. Works offline."
+    )
+    new_secret = device_commands.add_parser(
+        "new-secret",
+        help=new_key_help,
+        description=new_key_help,
+        parents=[output],
+        epilog=_EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    new_secret.set_defaults(local_command=_devices_new_secret)
+    new_secret.add_argument("-o", "--output", metavar="KEY.bin", required=True, help="where to write it")
+    new_secret.add_argument(
+        "--ecies",
+        action="store_true",
+        help="also print the device's esp_encrypted_img ECIES public key (X||Y hex) for registration",
+    )
+
+    register = add(
+        device_commands,
+        "register",
+        "Register devices and their eFuse secrets from a CSV or JSON Lines file (resumable).",
+        _devices_register,
+        identity=FACTORY_REGISTRAR,
+        epilog=_REGISTER_HELP,
+    )
+    register.add_argument("--product", required=True, help="the product the devices belong to")
+    register_input = register.add_mutually_exclusive_group(required=True)
+    register_input.add_argument("--csv", metavar="FILE", help="CSV with a header line")
+    register_input.add_argument("--jsonl", metavar="FILE", help="JSON Lines: one object per line")
+    register.add_argument(
+        "--plain-secrets",
+        action="store_true",
+        help="send the secrets in plaintext under mutual TLS, instead of wrapped for the server's HSM",
+    )
+    register.add_argument(
+        "--state-file",
+        metavar="FILE",
+        help="where progress is saved for a resumed run (default: FILE.kmsctl-progress beside the input)",
+    )
+    register.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=500,
+        metavar="N",
+        help="rows per message, 1-1000 (default %(default)s)",
+    )
+
+    show = add(
+        device_commands,
+        "show",
+        "Show a registered device (never its secret).",
+        _devices_show,
+        identity=FACTORY_REGISTRAR,
+    )
+    show.add_argument("device_id", metavar="DEVICE_ID")
+    revoke = add(
+        device_commands,
+        "revoke",
+        "Revoke a device: it gets no payload from now on (idempotent).",
+        _devices_revoke,
+        identity=SECURITY_OFFICER,
+    )
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+
+    payload = commands.add_parser(
+        "payload", help="Fetch per-device payloads (distribution).", description="Fetch per-device payloads."
+    )
+    payload_commands = payload.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    get = add(
+        payload_commands,
+        "get",
+        "Download a release's payload sealed for one device (resumes from OUT.part).",
+        _payload_get,
+        identity=DISTRIBUTION_SERVER,
+    )
+    get.add_argument("--device", required=True, metavar="DEVICE_ID", help="the device the payload is for")
+    get.add_argument("--release", required=True, metavar="NAME", help="releases/HEX or the hex SHA-256")
+    get.add_argument(
+        "--format",
+        choices=["fksp", "esp-encrypted-img"],
+        default="fksp",
+        help="fksp: the sealed format (docs/sealed-payload-v1.md); esp-encrypted-img: Espressif's "
+        "pre-encrypted OTA, ECIES (default: %(default)s)",
+    )
+    get.add_argument(
+        "--segment-size",
+        type=int,
+        metavar="N",
+        help="fksp: plaintext bytes per segment, 256-1048576 (default 4096)",
+    )
+    get.add_argument(
+        "--device-secure-version",
+        type=_non_negative_int,
+        metavar="N",
+        help="the device's anti-rollback floor: refuse a release below it",
+    )
+    get.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the payload")
     return parser
+
+
+_REGISTER_HELP = """\
+input: CSV (header line) or JSON Lines with the fields
+  device_id         1-64 printable ASCII characters, no spaces (e.g. the base MAC)
+  chip              as esptool names it, e.g. esp32s3
+  secret            the 32-byte eFuse secret in hex (64 characters), or
+  secret_file       a file holding the 32 bytes (relative to the input file's directory)
+  ecies_public_key  optional: the esp_encrypted_img ECIES public key, hex (X||Y or 04||X||Y)
+Row numbers are line numbers in the file (a CSV file's first device is row 2).
+
+registration exit codes: 0 every row registered (created, or unchanged: registered before with
+the same secret); 3 a row was rejected as invalid (wins over 5); 5 a device is already registered
+with another secret. Counts include the earlier runs of a resumed registration.
+
+"""
+
+
+def _batch_size(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be 1-1000")
+    return value
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -487,8 +965,7 @@ def _connection_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--identity",
         metavar="ROLE",
-        default="build-server",
-        help="dev PKI client identity to use (default %(default)s)",
+        help="dev PKI client identity to use (default: the role the command is for, named below)",
     )
     group.add_argument(
         "--server-name", metavar="NAME", help="check the server certificate against NAME instead of HOST"
@@ -507,6 +984,11 @@ def _connection_options() -> argparse.ArgumentParser:
         metavar="N",
         help="retries when the server is unavailable, with exponential backoff (default %(default)s)",
     )
+    return options
+
+
+def _output_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
     output = options.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     output.add_argument(

@@ -73,7 +73,7 @@ class Hsm(Protocol):
     ) -> list[ImportedSecret | KmsError]:
         """Wrap device secrets under the KEK; one result per secret, in order.
 
-        With ``transport`` each secret is RFC 5649-wrapped under the batch key, which the HSM unwraps with the
+        With ``transport`` each secret is RFC 3394-wrapped under the batch key, which the HSM unwraps with the
         transport private key; each secret is then unwrapped straight into a session object, so its plaintext
         never exists outside the HSM. Without ``transport`` each secret is the plaintext (32 bytes). The
         fingerprint is HMAC-SHA256 keyed by the secret over ``fingerprint_message``. A malformed secret gives

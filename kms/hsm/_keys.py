@@ -53,6 +53,9 @@ _CURVES: dict[Algorithm, tuple[bytes, ec.EllipticCurve]] = {
     Algorithm.ECDSA_P384_SHA384: (P384_PARAMS, ec.SECP384R1()),
 }
 
+RSA_ALGORITHMS = (Algorithm.RSA_3072_PSS_SHA256, Algorithm.RSA_3072_OAEP_SHA256)
+SECRET_KEY_BYTES = 32
+
 SIGN_AND_VERIFY = MechanismFlag.SIGN | MechanismFlag.VERIFY
 
 
@@ -67,6 +70,9 @@ class KeySpec:
 
 
 def key_spec(algorithm: Algorithm) -> KeySpec:
+    """The generation recipe of a signing key pair (ECDSA P-256/P-384, RSA-3072-PSS)."""
+    if not algorithm.is_signing:
+        raise ValueError(f"{algorithm.value} is not a signing algorithm")
     if algorithm is Algorithm.RSA_3072_PSS_SHA256:
         exponent = RSA_PUBLIC_EXPONENT.to_bytes(3, "big")
         public = {Attribute.MODULUS_BITS: RSA_BITS, Attribute.PUBLIC_EXPONENT: exponent}
@@ -113,22 +119,35 @@ def sign_parameters(algorithm: Algorithm) -> dict[str, Any]:
 
 
 def secret_attribute(algorithm: Algorithm) -> Attribute:
-    """The attribute that would reveal the private key if the HSM let it be read."""
-    return Attribute.PRIVATE_EXPONENT if algorithm is Algorithm.RSA_3072_PSS_SHA256 else Attribute.VALUE
+    """The attribute that would reveal the private or secret key if the HSM let it be read."""
+    return Attribute.PRIVATE_EXPONENT if algorithm in RSA_ALGORITHMS else Attribute.VALUE
 
 
-def algorithm_of(key_type: object, ec_params: bytes | None, modulus: bytes | None) -> Algorithm | None:
-    """The algorithm a key found in the token is for, or None if it is none of ours."""
+def algorithm_of(
+    key_type: object,
+    *,
+    ec_params: bytes | None = None,
+    modulus: bytes | None = None,
+    value_len: int | None = None,
+    signs: bool = False,
+) -> Algorithm | None:
+    """The algorithm a key found in the token is for, or None if it is none of ours.
+
+    An RSA-3072 key that may sign is an RSA-PSS signing key; one that may not is a registration transport
+    key (RSA-OAEP). A 32-byte AES key is a KEK; a generic secret is an HMAC-SHA256 key.
+    """
     if key_type == KeyType.EC:
         for algorithm, (params, _) in _CURVES.items():
             if ec_params == params:
                 return algorithm
-    if (
-        key_type == KeyType.RSA
-        and modulus is not None
-        and int.from_bytes(modulus, "big").bit_length() == RSA_BITS
-    ):
-        return Algorithm.RSA_3072_PSS_SHA256
+    elif key_type == KeyType.RSA:
+        if modulus is not None and int.from_bytes(modulus, "big").bit_length() == RSA_BITS:
+            return Algorithm.RSA_3072_PSS_SHA256 if signs else Algorithm.RSA_3072_OAEP_SHA256
+    elif key_type == KeyType.AES:
+        if value_len == SECRET_KEY_BYTES:
+            return Algorithm.AES_256
+    elif key_type == KeyType.GENERIC_SECRET:
+        return Algorithm.HMAC_SHA256
     return None
 
 

@@ -4,10 +4,13 @@ Session-level functions, called by ``Pkcs11Hsm`` under its lock (they never take
 are always explicit:
 
 - KEK: an AES-256 token key, ``CKA_SENSITIVE``, not extractable, ``CKA_WRAP``/``CKA_UNWRAP`` only. Device
-  secrets are wrapped with AES key wrap with padding (RFC 5649), which SoftHSM2 implements as
-  ``CKM_AES_KEY_WRAP_PAD`` (0x210A; PKCS#11 3.0 calls RFC 5649 ``CKM_AES_KEY_WRAP_KWP``, 0x210B, and on other
-  HSMs 0x210A may pad differently: softhsm/SoftHSMv2#726). The mechanism is recorded with every blob
-  (``WRAP_MECHANISM_NAME``), and the tests cross-check blobs against ``cryptography``'s RFC 5649.
+  secrets (always exactly 32 bytes) are wrapped with AES key wrap, RFC 3394 (``CKM_AES_KEY_WRAP``, 0x2109),
+  into 40-byte blobs. RFC 3394 rather than RFC 5649 because the secret's length is a multiple of 8, the
+  mechanism number means the same on every HSM (SoftHSM2 puts RFC 5649 under 0x210A, PKCS#11 3.0 under
+  0x210B: softhsm/SoftHSMv2#726), and unwrapping a 40-byte blob can only give exactly 32 bytes, so the
+  length of a secret is checked by the length of its blob (SoftHSM2 reports no CKA_VALUE_LEN for unwrapped
+  generic secrets). The mechanism is recorded with every blob (``WRAP_MECHANISM_NAME``); the tests
+  cross-check blobs against ``cryptography``'s RFC 3394.
 - Registration transport: an RSA-3072 token key pair whose private half may only decrypt/unwrap. A factory
   sends a random AES-256 batch key encrypted with RSA-OAEP. SoftHSM2 2.6 implements OAEP with SHA-1 and
   MGF1-SHA-1 only (it answers CKR_ARGUMENTS_BAD to SHA-256), so that is the transport's OAEP: OAEP's security
@@ -38,8 +41,9 @@ from kms.domain.keys import Algorithm
 from kms.domain.ports import ImportedSecret, TransportBatch
 from kms.hsm import _keys
 
-WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD
-WRAP_MECHANISM_NAME = "CKM_AES_KEY_WRAP_PAD(0x210A)/RFC5649"
+WRAP_MECHANISM = Mechanism.AES_KEY_WRAP
+WRAP_MECHANISM_NAME = "CKM_AES_KEY_WRAP(0x2109)/RFC3394"
+WRAPPED_SECRET_BYTES = 40
 TRANSPORT_OAEP = (Mechanism.SHA_1, MGF.SHA1, None)
 SECRET_BYTES = 32
 
@@ -180,9 +184,6 @@ def import_secrets(
                 results.append(e)
                 continue
             try:
-                if int(obj[Attribute.VALUE_LEN]) != SECRET_BYTES:
-                    results.append(InvalidArgument(f"the device secret must be {SECRET_BYTES} bytes"))
-                    continue
                 wrapped = kek.wrap_key(obj, mechanism=WRAP_MECHANISM)
                 fingerprint = obj.sign(fingerprint_message, mechanism=Mechanism.SHA256_HMAC)
                 results.append(ImportedSecret(bytes(wrapped), WRAP_MECHANISM_NAME, bytes(fingerprint)))
@@ -209,6 +210,8 @@ def _secret_object(session: pkcs11.Session, batch_key: Any, secret: bytes) -> An
                 **template,
             }
         )
+    if len(secret) != WRAPPED_SECRET_BYTES:
+        raise InvalidArgument(f"a wrapped device secret is {WRAPPED_SECRET_BYTES} bytes, not {len(secret)}")
     try:
         return batch_key.unwrap_key(
             ObjectClass.SECRET_KEY,
@@ -227,7 +230,7 @@ def _secret_object(session: pkcs11.Session, batch_key: Any, secret: bytes) -> An
         p11e.ArgumentsBad,
     ) as e:
         raise InvalidArgument(
-            "the wrapped secret does not unwrap under the batch key (RFC 5649 AES key wrap with padding)"
+            "the wrapped secret does not unwrap under the batch key (AES key wrap, RFC 3394)"
         ) from e
 
 

@@ -19,17 +19,21 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kmsapi.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from kmsapi.v1 import devices_pb2, devices_pb2_grpc, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 from kms.hsm.config import HsmConfig
 from kms.hsm.pkcs11_hsm import Pkcs11Hsm
 from kms.server.auth import AuthorizationInterceptor
 from kms.server.config import Config
+from kms.server.devices_servicers import DeviceRegistryServicer, DistributionServicer
 from kms.server.health import HsmHealth
 from kms.server.servicers import KeyServicer, SigningServicer
+from kms.service.distribution import Distribution
+from kms.service.registry import DeviceRegistry
 from kms.service.signing import SigningService
 from kms.store.blobs import BlobStore
 from kms.store.database import Database
+from kms.store.devices import SqliteDeviceRepository
 from kms.store.keys import SqliteKeyRepository
 from kms.store.releases import SqliteReleaseRepository
 from kms.store.signature_log import SqliteSignatureLog
@@ -39,6 +43,8 @@ log = logging.getLogger("kms.server")
 SERVICE_NAMES = (
     signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    devices_pb2.DESCRIPTOR.services_by_name["DeviceRegistryService"].full_name,
+    devices_pb2.DESCRIPTOR.services_by_name["DistributionService"].full_name,
 )
 
 
@@ -48,6 +54,7 @@ class Components:
     database: Database
     keys: SqliteKeyRepository
     releases: SqliteReleaseRepository
+    devices: SqliteDeviceRepository
     signature_log: SqliteSignatureLog
 
     def close(self) -> None:
@@ -76,6 +83,7 @@ def open_components(config: Config) -> Components:
         database=database,
         keys=SqliteKeyRepository(database),
         releases=SqliteReleaseRepository(database, BlobStore(config.releases)),
+        devices=SqliteDeviceRepository(database),
         signature_log=SqliteSignatureLog(database),
     )
 
@@ -116,6 +124,21 @@ class KmsServer:
         )
         signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(self.signing), self.server)
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.signing), self.server)
+        self.registry = DeviceRegistry(components.hsm, components.keys, components.devices)
+        self.distribution = Distribution(
+            components.hsm,
+            components.keys,
+            components.devices,
+            components.releases,
+            components.releases,
+            components.signature_log,
+        )
+        devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
+            DeviceRegistryServicer(self.registry), self.server
+        )
+        devices_pb2_grpc.add_DistributionServiceServicer_to_server(
+            DistributionServicer(self.distribution), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(
             (

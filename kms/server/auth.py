@@ -27,6 +27,13 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "/kmsapi.v1.SigningService/SignDigest": frozenset({Role.BUILD_SERVER}),
     "/kmsapi.v1.KeyService/GetPublicKey": ALL_ROLES,
     "/kmsapi.v1.KeyService/ListKeys": ALL_ROLES,
+    "/kmsapi.v1.DeviceRegistryService/GetRegistrationKey": frozenset({Role.FACTORY_REGISTRAR}),
+    "/kmsapi.v1.DeviceRegistryService/RegisterDevices": frozenset({Role.FACTORY_REGISTRAR}),
+    "/kmsapi.v1.DeviceRegistryService/GetDevice": frozenset(
+        {Role.FACTORY_REGISTRAR, Role.SECURITY_OFFICER, Role.DISTRIBUTION_SERVER, Role.AUDITOR}
+    ),
+    "/kmsapi.v1.DeviceRegistryService/RevokeDevice": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.DistributionService/GetPayload": frozenset({Role.DISTRIBUTION_SERVER}),
     "/grpc.health.v1.Health/Check": ALL_ROLES,
     "/grpc.health.v1.Health/Watch": ALL_ROLES,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ALL_ROLES,

@@ -45,6 +45,10 @@ STATES = {
 PURPOSES = {
     KeyPurpose.SECURE_BOOT_V2: common_pb2.SECURE_BOOT_V2,
     KeyPurpose.DIGEST_SIGNING: common_pb2.DIGEST_SIGNING,
+    KeyPurpose.OTA_MANIFEST: common_pb2.OTA_MANIFEST,
+    KeyPurpose.KEY_ENCRYPTION: common_pb2.KEY_ENCRYPTION,
+    KeyPurpose.REGISTRATION_TRANSPORT: common_pb2.REGISTRATION_TRANSPORT,
+    KeyPurpose.PAYLOAD_SEED: common_pb2.PAYLOAD_SEED,
 }
 
 
@@ -165,7 +169,8 @@ def key_pb(key: Key) -> keys_pb2.Key:
         name=key.name,
         product=key.product,
         purpose=PURPOSES[key.purpose],
-        algorithm=ALGORITHMS[key.algorithm],
+        algorithm=ALGORITHMS.get(key.algorithm, common_pb2.SIGNATURE_ALGORITHM_UNSPECIFIED),
+        algorithm_name=key.algorithm.value,
         sbv2_slot=-1 if key.sbv2_slot is None else key.sbv2_slot,
         primary_version=key.version().name,
         versions=[
@@ -179,10 +184,14 @@ def public_key_pb(version: KeyVersion) -> keys_pb2.PublicKey:
     pem = version.public_key_pem
     return keys_pb2.PublicKey(
         key_version=version.name,
-        algorithm=ALGORITHMS[version.algorithm],
+        algorithm=ALGORITHMS.get(version.algorithm, common_pb2.SIGNATURE_ALGORITHM_UNSPECIFIED),
         pem=pem,
         pem_crc32c=crc32c(pem.encode("ascii")),
-        sbv2_key_digest=sbv2.key_digest(version.algorithm, version.public_key_der),
+        sbv2_key_digest=(
+            sbv2.key_digest(version.algorithm, version.public_key_der)
+            if version.algorithm.is_signing
+            else b""
+        ),
     )
 
 

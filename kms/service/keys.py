@@ -1,4 +1,8 @@
-"""Key administration: create keys (issue 4 adds rotation, states and dual control)."""
+"""Key administration: create keys (rotation, states and dual control come with the officer API).
+
+``PRODUCT_KEY_SET`` is what a product needs for the factory and distribution paths besides its Secure Boot
+V2 keys: an OTA manifest key, a KEK, a registration transport key and a payload-seed key.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,16 @@ from kms.domain.keys import (
 from kms.domain.ports import Hsm, KeyRepository
 
 SBV2_SLOTS = (0, 1, 2)
+SECRET_KEY_ALGORITHMS = frozenset({Algorithm.AES_256, Algorithm.HMAC_SHA256})
+SINGLE_KEY_PURPOSES = frozenset(
+    {
+        KeyPurpose.OTA_MANIFEST,
+        KeyPurpose.KEY_ENCRYPTION,
+        KeyPurpose.REGISTRATION_TRANSPORT,
+        KeyPurpose.PAYLOAD_SEED,
+    }
+)
+"""Purposes with one key per product (new material comes as new versions of it)."""
 
 
 class KeyAdministration:
@@ -47,6 +61,15 @@ class KeyAdministration:
                 )
         elif sbv2_slot is not None:
             raise InvalidArgument("only Secure Boot V2 keys have a slot")
+        if algorithm not in purpose.algorithms:
+            allowed = ", ".join(sorted(a.value for a in purpose.algorithms))
+            raise InvalidArgument(f"a {purpose.value} key must be one of: {allowed}; got {algorithm.value}")
+        if purpose in SINGLE_KEY_PURPOSES and any(
+            k.purpose is purpose for k in self._keys.list_keys(product)
+        ):
+            raise AlreadyExists(
+                f"product {product!r} already has a {purpose.value} key; rotate it (new version) instead"
+            )
         try:
             self._keys.get_key(key_id)
         except NotFound:
@@ -54,15 +77,27 @@ class KeyAdministration:
         else:
             raise AlreadyExists(f"key keys/{key_id} already exists")
 
-        pair = self._hsm.generate_key_pair(algorithm, f"{key_id}/1")
+        label = f"{key_id}/1"
+        if algorithm in SECRET_KEY_ALGORITHMS:
+            hsm_id, public_der = self._hsm.generate_secret_key(algorithm, label), b""
+        else:
+            pair = self._hsm.generate_key_pair(algorithm, label)
+            hsm_id, public_der = pair.hsm_id, pair.public_key_der
         now = self._clock()
-        version = KeyVersion(
-            key_id, 1, algorithm, KeyVersionState.ENABLED, pair.hsm_id, pair.public_key_der, now
-        )
+        version = KeyVersion(key_id, 1, algorithm, KeyVersionState.ENABLED, hsm_id, public_der, now)
         key = Key(key_id, product, purpose, algorithm, sbv2_slot, 1, (version,), now)
         try:
             self._keys.add_key(key)
         except BaseException:
-            self._hsm.destroy_key_pair(pair.hsm_id)
+            self._hsm.destroy_key_pair(hsm_id)
             raise
         return key
+
+
+PRODUCT_KEY_SET = (
+    ("manifest", KeyPurpose.OTA_MANIFEST, Algorithm.ECDSA_P256_SHA256),
+    ("kek", KeyPurpose.KEY_ENCRYPTION, Algorithm.AES_256),
+    ("registration", KeyPurpose.REGISTRATION_TRANSPORT, Algorithm.RSA_3072_OAEP_SHA256),
+    ("payload-seed", KeyPurpose.PAYLOAD_SEED, Algorithm.HMAC_SHA256),
+)
+"""(key id suffix, purpose, algorithm) of the keys a product needs for the factory and distribution paths."""

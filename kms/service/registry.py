@@ -29,7 +29,7 @@ from kms.domain.keys import Key, KeyPurpose, KeyVersion, KeyVersionState, valida
 from kms.domain.ports import DeviceRepository, Hsm, KeyRepository, TransportBatch
 
 MAX_ROWS_PER_BATCH = 1000
-WRAPPED_SECRET_SIZE = 40  # RFC 5649 of 32 bytes: 8-byte integrity block + 32 bytes
+WRAPPED_SECRET_SIZE = 40  # RFC 3394 key wrap of 32 bytes: 8-byte integrity block + 32 bytes
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class DeviceRegistry:
                 validate_device_id(row.device_id)
                 chip = chips.chip_by_name(row.chip).name
                 if len(row.secret) != secret_size:
-                    how = "plaintext" if transport is None else "wrapped (RFC 5649)"
+                    how = "plaintext" if transport is None else "wrapped (RFC 3394)"
                     raise InvalidArgument(
                         f"the {how} secret must be {secret_size} bytes, not {len(row.secret)}"
                     )

@@ -184,6 +184,10 @@ class SigningService:
     def public_key(self, name: str) -> tuple[Key, KeyVersion]:
         key_name = KeyName.parse(name)
         key = self._keys.get_key(key_name.key_id)
+        if not key.version().public_key_der:
+            raise FailedPrecondition(
+                f"{key.name} is a {key.algorithm.value} secret key; it has no public part"
+            )
         try:
             return key, key.version(key_name.version)
         except LookupError:

@@ -20,8 +20,12 @@ KEYS = [
 ] + [KeySpec("artifacts-p256", "artifacts", "ecdsa-p256", None, "digest-signing")]
 
 
+# Products with manifest, KEK, registration and payload-seed keys (factory and distribution tests).
+PRODUCT_SETS = ["p256-1", "rsa-1"]
+
+
 @pytest.fixture(scope="session")
 def kms_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningKms]:
     state: Path = tmp_path_factory.mktemp("kms-state")
-    with running_kms(state, KEYS) as server:
+    with running_kms(state, KEYS, product_sets=PRODUCT_SETS) as server:
         yield server

@@ -5,11 +5,23 @@ checks) with software keys, and can be told to misbehave: fail with UNAVAILABLE 
 with a given status, stall, or tamper with a response in one of the ways listed in ``Tamper``. The "signed
 image" is the input padded with 0xFF to a multiple of 4096 plus a 4096-byte sector of 0x5A: the client does
 not parse it, only checks it against the release.
+
+The device registry keeps plaintext secrets in a dict (after unwrapping them with its RSA registration key
+and the stream's batch key, as the HSM would), so tests can check what arrived. Registration acknowledges
+each DeviceRows message once its rows are "committed", reading requests on a thread of its own so that a
+client may run ahead (``max_unacked`` records how far it did); ``register_break_after`` cuts a stream with
+UNAVAILABLE right after committing a message and before acknowledging it, the worst moment for a client.
+Payloads are deterministic pseudo-random bytes behind a well-formed FKSP v1 header and manifest (or an
+esp_encrypted_img header) for the releases in ``RELEASES``; ``payload_break_after`` and
+``payload_end_after`` cut a download with UNAVAILABLE or a clean early end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,13 +35,24 @@ import google_crc32c
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+from kmsapi.v1 import (
+    common_pb2,
+    devices_pb2,
+    devices_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+)
 from kmsctl import sbv2_key_digest
 
 from tests.support.pki_for_tests import ThrowawayPki
 
 SERVER_MAX_CHUNK = 256 * 1024
 DOWNLOAD_CHUNK = 128 * 1024
+PAYLOAD_CHUNK = 64 * 1024
+MAX_ROWS_PER_MESSAGE = 1000
 
 Tamper = Literal[
     "none",
@@ -46,6 +69,10 @@ Tamper = Literal[
     "pem-crc",  # GetPublicKey: pem_crc32c wrong
     "sbv2-digest",  # GetPublicKey: wrong eFuse digest
     "algorithm",  # GetPublicKey: wrong algorithm
+    "registration-key",  # GetRegistrationKey: a P-256 key instead of RSA-3072
+    "ack-rows",  # RegisterDevices: acknowledges other row numbers than were sent
+    "payload-device",  # GetPayload: the manifest names another device
+    "payload-extra",  # GetPayload: one byte more than announced
 ]
 
 
@@ -53,10 +80,10 @@ Tamper = Literal[
 class FakeKey:
     name: str
     product: str
-    purpose: common_pb2.KeyPurpose
-    algorithm: common_pb2.SignatureAlgorithm
+    purpose: common_pb2.KeyPurpose.ValueType
+    algorithm: common_pb2.SignatureAlgorithm.ValueType
     slot: int
-    versions: tuple[tuple[int, common_pb2.KeyVersionState], ...]
+    versions: tuple[tuple[int, common_pb2.KeyVersionState.ValueType], ...]
     primary: int
 
 
@@ -136,8 +163,120 @@ def crc32c(data: bytes) -> int:
     return int(google_crc32c.value(data))
 
 
+# -- device registry and payloads ------------------------------------------------------------------------
+
+CHIPS = {
+    "esp32",
+    "esp32s2",
+    "esp32s3",
+    "esp32c2",
+    "esp32c3",
+    "esp32c5",
+    "esp32c6",
+    "esp32c61",
+    "esp32h2",
+    "esp32p4",
+}
+_DEVICE_ID = re.compile(r"[\x21-\x7e]{1,64}")
+OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def registration_key_version(product: str) -> str:
+    return f"keys/{product}-transport/versions/1"
+
+
+@cache
+def registration_private_key(product: str) -> rsa.RSAPrivateKey:
+    """The fake's RSA-3072 registration transport key of a product (generated once per test session)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
 @dataclass
-class FakeKms(signing_pb2_grpc.SigningServiceServicer, keys_pb2_grpc.KeyServiceServicer):
+class FakeDevice:
+    device_id: str
+    product: str
+    chip: str
+    secret: bytes
+    ecies_public_key: bytes | None = None
+    state: str = "active"
+    registered_by: str = "factory-registrar"
+
+
+@dataclass(frozen=True)
+class FakeRelease:
+    name: str
+    product: str
+    chip: str
+    secure_version: int
+    image_size: int
+    version: str = "1.2.3"
+
+
+def _release(product: str, image_size: int) -> FakeRelease:
+    digest = hashlib.sha256(f"signed image of {product}".encode()).hexdigest()
+    return FakeRelease(f"releases/{digest}", product, "esp32s3", 4, image_size)
+
+
+RELEASES = {
+    release.name: release for release in (_release("thermostat", 200_000), _release("doorbell", 5000))
+}
+THERMOSTAT_RELEASE = next(name for name, release in RELEASES.items() if release.product == "thermostat")
+DOORBELL_RELEASE = next(name for name, release in RELEASES.items() if release.product == "doorbell")
+
+
+def _stream(seed: str, size: int) -> bytes:
+    return hashlib.shake_256(seed.encode()).digest(size)
+
+
+@cache
+def payload_bytes(
+    device_id: str, release_name: str, payload_format: int, segment_size: int, other_device: bool = False
+) -> bytes:
+    """The fake's payload: a well-formed FKSP v1 header and manifest (or esp_encrypted_img header), then
+    pseudo-random bytes of the right length, all determined by the arguments."""
+    release = RELEASES[release_name]
+    seed = f"{device_id}|{release_name}|{payload_format}|{segment_size}"
+    if payload_format == devices_pb2.ESP_ENCRYPTED_IMG_ECIES:
+        esp_header = bytearray(_stream("esp header " + seed, 512))
+        esp_header[0:4] = (0x0788B6CF).to_bytes(4, "little")
+        esp_header[404:408] = release.image_size.to_bytes(4, "little")
+        return bytes(esp_header) + _stream("esp body " + seed, release.image_size)
+    segments = -(-release.image_size // segment_size)
+    header = struct.pack(
+        "<4sBBHIIQII32s",
+        b"FKSP",
+        1,
+        1,
+        64,
+        segment_size,
+        segments,
+        release.image_size,
+        256,
+        64,
+        hashlib.sha256(b"fake manifest key").digest(),
+    )
+    named = ("someone-else" if other_device else device_id).encode()
+    manifest = bytearray(256)
+    manifest[0:32] = bytes.fromhex(release.name.removeprefix("releases/"))
+    manifest[32:40] = release.image_size.to_bytes(8, "little")
+    manifest[40:44] = release.secure_version.to_bytes(4, "little")
+    manifest[44:46] = (9).to_bytes(2, "little")
+    manifest[48] = len(named)
+    manifest[49 : 49 + len(named)] = named
+    manifest[113] = len(release.product)
+    manifest[114 : 114 + len(release.product)] = release.product.encode()
+    signature = _stream("signature " + seed, 64)
+    body = _stream("body " + seed, release.image_size + 16 * segments)
+    return header + bytes(manifest) + signature + body
+
+
+@dataclass
+class FakeKms(
+    signing_pb2_grpc.SigningServiceServicer,
+    keys_pb2_grpc.KeyServiceServicer,
+    devices_pb2_grpc.DeviceRegistryServiceServicer,
+    devices_pb2_grpc.DistributionServiceServicer,
+):
     """Behaviour switches (set them before a call) and records of what the fake received."""
 
     fail_unavailable: int = 0
@@ -151,6 +290,18 @@ class FakeKms(signing_pb2_grpc.SigningServiceServicer, keys_pb2_grpc.KeyServiceS
     digest_requests: list[signing_pb2.SignDigestRequest] = field(default_factory=list)
     identities: list[str] = field(default_factory=list)
     signed: set[bytes] = field(default_factory=set)
+    # device registry
+    devices: dict[str, FakeDevice] = field(default_factory=dict)
+    register_headers: list[devices_pb2.RegisterDevicesHeader] = field(default_factory=list)
+    wire_rows: list[devices_pb2.DeviceRow] = field(default_factory=list)
+    message_sizes: list[int] = field(default_factory=list)
+    register_break_after: list[int] = field(default_factory=list)
+    register_ack_delay: float = 0.0
+    max_unacked: int = 0
+    # payloads
+    payload_requests: list[devices_pb2.GetPayloadRequest] = field(default_factory=list)
+    payload_break_after: list[int] = field(default_factory=list)
+    payload_end_after: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
@@ -321,6 +472,240 @@ class FakeKms(signing_pb2_grpc.SigningServiceServicer, keys_pb2_grpc.KeyServiceS
                 version.create_time.FromDatetime(datetime(2025, 1, 1, tzinfo=UTC))
         return response
 
+    # -- DeviceRegistryService ---------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, *, product: str = "thermostat", ecies: bool = False) -> FakeDevice:
+        """Register a device directly (for payload tests); its secret is derived from its id."""
+        device = FakeDevice(
+            device_id,
+            product,
+            "esp32s3",
+            hashlib.sha256(device_id.encode()).digest(),
+            bytes(64) if ecies else None,
+        )
+        self.devices[device_id] = device
+        return device
+
+    def GetRegistrationKey(  # noqa: N802
+        self, request: devices_pb2.GetRegistrationKeyRequest, context: grpc.ServicerContext
+    ) -> devices_pb2.RegistrationKey:
+        self._enter("GetRegistrationKey", context)
+        self._product(request.product, context)
+        public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = registration_private_key(
+            request.product
+        ).public_key()
+        if self.tamper == "registration-key":
+            public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        pem = public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+        return devices_pb2.RegistrationKey(key_version=registration_key_version(request.product), pem=pem)
+
+    def RegisterDevices(  # noqa: N802
+        self,
+        request_iterator: Iterator[devices_pb2.RegisterDevicesRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[devices_pb2.RegisterDevicesResponse]:
+        self._enter("RegisterDevices", context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the header")
+        header = first.header
+        self.register_headers.append(header)
+        self._product(header.product, context)
+        batch_key: bytes | None = None
+        if header.transport_key_version:
+            if header.transport_key_version != registration_key_version(header.product):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not the current registration key")
+            try:
+                batch_key = registration_private_key(header.product).decrypt(header.wrapped_batch_key, OAEP)
+            except ValueError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the batch key does not decrypt")
+        with self._lock:
+            break_after = self.register_break_after.pop(0) if self.register_break_after else None
+        identity = self.identities[-1] if self.identities else "insecure"
+        arrived: queue.Queue[devices_pb2.RegisterDevicesRequest | None] = queue.Queue()
+        counts = {"received": 0, "acked": 0}
+
+        def read() -> None:  # lets the client run ahead of the acknowledgements, as far as it wants
+            try:
+                for request in request_iterator:
+                    with self._lock:
+                        counts["received"] += 1
+                        self.max_unacked = max(self.max_unacked, counts["received"] - counts["acked"])
+                    arrived.put(request)
+            except Exception:  # noqa: BLE001, S110 -- the call ended
+                pass
+            finally:
+                arrived.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        committed = 0
+        while (request := arrived.get()) is not None:
+            if request.WhichOneof("part") != "devices" or len(request.devices.rows) > MAX_ROWS_PER_MESSAGE:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected DeviceRows of at most 1000 rows")
+            self.message_sizes.append(len(request.devices.rows))
+            response = devices_pb2.RegisterDevicesResponse()
+            for row in request.devices.rows:
+                self.wire_rows.append(row)
+                outcome = self._register_row(header.product, row, batch_key, identity)
+                if self.tamper == "ack-rows":
+                    outcome.row += 1
+                response.outcomes.append(outcome)
+            committed += 1
+            if committed == break_after:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "registry connection lost (fake)")
+            if self.register_ack_delay:
+                time.sleep(self.register_ack_delay)
+            with self._lock:
+                counts["acked"] += 1
+            yield response
+
+    def _register_row(
+        self, product: str, row: devices_pb2.DeviceRow, batch_key: bytes | None, identity: str
+    ) -> devices_pb2.RowOutcome:
+        def reject(code: grpc.StatusCode, message: str) -> devices_pb2.RowOutcome:
+            return devices_pb2.RowOutcome(
+                row=row.row,
+                device_id=row.device_id,
+                status=devices_pb2.RowOutcome.REJECTED,
+                code=code.value[0],
+                message=message,
+            )
+
+        if not _DEVICE_ID.fullmatch(row.device_id):
+            return reject(grpc.StatusCode.INVALID_ARGUMENT, f"malformed device id {row.device_id!r}")
+        if row.chip not in CHIPS:
+            return reject(grpc.StatusCode.INVALID_ARGUMENT, f"unknown chip {row.chip!r}")
+        secret = row.secret
+        if batch_key is not None:
+            if len(secret) != 40:
+                return reject(grpc.StatusCode.INVALID_ARGUMENT, "a wrapped secret is 40 bytes")
+            try:
+                secret = aes_key_unwrap_with_padding(batch_key, secret)
+            except InvalidUnwrap:
+                return reject(grpc.StatusCode.INVALID_ARGUMENT, "the secret does not unwrap")
+        if len(secret) != 32:
+            return reject(grpc.StatusCode.INVALID_ARGUMENT, "a secret is 32 bytes")
+        if row.ecies_public_key and len(row.ecies_public_key) not in (64, 65):
+            return reject(grpc.StatusCode.INVALID_ARGUMENT, "an ECIES public key is 64 or 65 bytes")
+        with self._lock:
+            existing = self.devices.get(row.device_id)
+            if existing is not None:
+                if existing.secret != secret or existing.product != product:
+                    return reject(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"device {row.device_id} is registered with another secret",
+                    )
+                status = devices_pb2.RowOutcome.UNCHANGED
+            else:
+                self.devices[row.device_id] = FakeDevice(
+                    row.device_id,
+                    product,
+                    row.chip,
+                    secret,
+                    row.ecies_public_key or None,
+                    registered_by=identity,
+                )
+                status = devices_pb2.RowOutcome.CREATED
+        return devices_pb2.RowOutcome(row=row.row, device_id=row.device_id, status=status)
+
+    def GetDevice(  # noqa: N802
+        self, request: devices_pb2.GetDeviceRequest, context: grpc.ServicerContext
+    ) -> devices_pb2.DeviceInfo:
+        self._enter("GetDevice", context)
+        return self._device_info(self._device(request.device_id, context))
+
+    def RevokeDevice(  # noqa: N802
+        self, request: devices_pb2.RevokeDeviceRequest, context: grpc.ServicerContext
+    ) -> devices_pb2.DeviceInfo:
+        self._enter("RevokeDevice", context)
+        device = self._device(request.device_id, context)
+        device.state = "revoked"
+        return self._device_info(device)
+
+    def _device(self, device_id: str, context: grpc.ServicerContext) -> FakeDevice:
+        device = self.devices.get(device_id)
+        if device is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no device {device_id!r}")
+        return device
+
+    @staticmethod
+    def _device_info(device: FakeDevice) -> devices_pb2.DeviceInfo:
+        info = devices_pb2.DeviceInfo(
+            device_id=device.device_id,
+            product=device.product,
+            chip=device.chip,
+            state=device.state,
+            kek_version=f"keys/{device.product}-kek/versions/1",
+            has_ecies_public_key=device.ecies_public_key is not None,
+            registered_by=device.registered_by,
+        )
+        info.register_time.FromDatetime(datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC))
+        return info
+
+    def _product(self, product: str, context: grpc.ServicerContext) -> None:
+        if product not in {key.product for key in KEYS.values()}:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown product {product!r}")
+
+    # -- DistributionService -----------------------------------------------------------------------------
+
+    def GetPayload(  # noqa: N802
+        self, request: devices_pb2.GetPayloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[devices_pb2.GetPayloadResponse]:
+        self._enter("GetPayload", context)
+        self.payload_requests.append(request)
+        device = self._device(request.device_id, context)
+        release = RELEASES.get(request.release)
+        if release is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no release {request.release!r}")
+        if device.state != "active":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"device {device.device_id} is revoked")
+        if release.product != device.product:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the release is for another product")
+        if (
+            request.HasField("device_secure_version")
+            and request.device_secure_version > release.secure_version
+        ):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the release is below the anti-rollback floor")
+        payload_format = request.format or devices_pb2.FKSP_V1
+        segment_size = 0
+        if payload_format == devices_pb2.ESP_ENCRYPTED_IMG_ECIES:
+            if device.ecies_public_key is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the device has no ECIES key")
+        else:
+            segment_size = request.segment_size or 4096
+            if not 256 <= segment_size <= 1 << 20:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "segment size out of range")
+        payload = payload_bytes(
+            device.device_id, release.name, payload_format, segment_size, self.tamper == "payload-device"
+        )
+        if request.offset > len(payload):
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset past the end ({len(payload)} bytes)")
+        with self._lock:
+            break_after = self.payload_break_after.pop(0) if self.payload_break_after else None
+            end_after = self.payload_end_after.pop(0) if self.payload_end_after else None
+        yield devices_pb2.GetPayloadResponse(
+            info=devices_pb2.PayloadInfo(
+                format=payload_format,
+                total_size=len(payload),
+                offset=request.offset,
+                device_id=device.device_id,
+                release=release.name,
+                secure_version=release.secure_version,
+                segment_size=segment_size,
+                manifest_key_version="keys/thermostat-manifest/versions/1" if segment_size else "",
+            )
+        )
+        if self.tamper == "payload-extra":
+            payload += b"!"
+        for sent, position in enumerate(range(request.offset, len(payload), PAYLOAD_CHUNK), start=1):
+            yield devices_pb2.GetPayloadResponse(chunk=payload[position : position + PAYLOAD_CHUNK])
+            if sent == break_after:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "distribution server restarting (fake)")
+            if sent == end_after:
+                return
+
     def _key_version(self, name: str, context: grpc.ServicerContext) -> str:
         base, _, number = name.partition("/versions/")
         key = KEYS.get(base)
@@ -334,6 +719,8 @@ class FakeKms(signing_pb2_grpc.SigningServiceServicer, keys_pb2_grpc.KeyServiceS
 _AddServicer = Callable[[object, grpc.Server], None]
 _add_signing = cast(_AddServicer, signing_pb2_grpc.add_SigningServiceServicer_to_server)
 _add_keys = cast(_AddServicer, keys_pb2_grpc.add_KeyServiceServicer_to_server)
+_add_registry = cast(_AddServicer, devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server)
+_add_distribution = cast(_AddServicer, devices_pb2_grpc.add_DistributionServiceServicer_to_server)
 
 
 @dataclass
@@ -358,6 +745,8 @@ def start(fake: FakeKms, pki: ThrowawayPki | None = None) -> RunningServer:
     )
     _add_signing(fake, server)
     _add_keys(fake, server)
+    _add_registry(fake, server)
+    _add_distribution(fake, server)
     if pki is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:

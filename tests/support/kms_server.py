@@ -97,8 +97,10 @@ class RunningKms:
         return self.log_path.read_text(errors="replace")
 
 
-def init_state(state_dir: Path, keys: Sequence[KeySpec]) -> None:
+def init_state(state_dir: Path, keys: Sequence[KeySpec], product_sets: Sequence[str] = ()) -> None:
     run_kms("init", "--state-dir", str(state_dir), "--listen", "127.0.0.1:0")
+    for product in product_sets:
+        run_kms("keys", "create-product-set", "--config", str(state_dir / "kms.toml"), "--product", product)
     for spec in keys:
         args = [
             "keys",
@@ -120,10 +122,12 @@ def init_state(state_dir: Path, keys: Sequence[KeySpec]) -> None:
 
 
 @contextmanager
-def running_kms(state_dir: Path, keys: Sequence[KeySpec] = (), *, init: bool = True) -> Iterator[RunningKms]:
+def running_kms(
+    state_dir: Path, keys: Sequence[KeySpec] = (), *, init: bool = True, product_sets: Sequence[str] = ()
+) -> Iterator[RunningKms]:
     """Initialize ``state_dir`` (unless ``init`` is False) and run a server on it until the block ends."""
     if init:
-        init_state(state_dir, keys)
+        init_state(state_dir, keys, product_sets)
     ready = state_dir / f"ready-{time.monotonic_ns()}"
     log_path = state_dir / "server.log"
     with log_path.open("ab") as log:

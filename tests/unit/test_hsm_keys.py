@@ -64,12 +64,33 @@ def test_named_curve_parameters_are_the_der_oids() -> None:
 
 
 def test_algorithm_of() -> None:
-    assert _keys.algorithm_of(KeyType.EC, _keys.P256_PARAMS, None) is Algorithm.ECDSA_P256_SHA256
-    assert _keys.algorithm_of(KeyType.EC, _keys.P384_PARAMS, None) is Algorithm.ECDSA_P384_SHA384
-    assert _keys.algorithm_of(KeyType.EC, b"\x06\x05\x2b\x81\x04\x00\x23", None) is None  # P-521
-    assert _keys.algorithm_of(KeyType.RSA, None, b"\xff" * 384) is Algorithm.RSA_3072_PSS_SHA256
-    assert _keys.algorithm_of(KeyType.RSA, None, b"\xff" * 256) is None
-    assert _keys.algorithm_of(KeyType.AES, None, None) is None
+    assert _keys.algorithm_of(KeyType.EC, ec_params=_keys.P256_PARAMS) is Algorithm.ECDSA_P256_SHA256
+    assert _keys.algorithm_of(KeyType.EC, ec_params=_keys.P384_PARAMS) is Algorithm.ECDSA_P384_SHA384
+    assert _keys.algorithm_of(KeyType.EC, ec_params=b"\x06\x05\x2b\x81\x04\x00\x23") is None  # P-521
+    rsa_3072 = b"\xff" * 384
+    assert _keys.algorithm_of(KeyType.RSA, modulus=rsa_3072, signs=True) is Algorithm.RSA_3072_PSS_SHA256
+    assert _keys.algorithm_of(KeyType.RSA, modulus=rsa_3072, signs=False) is Algorithm.RSA_3072_OAEP_SHA256
+    assert _keys.algorithm_of(KeyType.RSA, modulus=b"\xff" * 256, signs=True) is None
+    assert _keys.algorithm_of(KeyType.AES, value_len=32) is Algorithm.AES_256
+    assert _keys.algorithm_of(KeyType.AES, value_len=16) is None
+    assert _keys.algorithm_of(KeyType.GENERIC_SECRET) is Algorithm.HMAC_SHA256
+    assert _keys.algorithm_of(KeyType.DES3) is None
+
+
+def test_only_signing_algorithms_have_a_key_pair_spec() -> None:
+    for algorithm in Algorithm:
+        if algorithm.is_signing:
+            assert _keys.key_spec(algorithm).key_type in (KeyType.EC, KeyType.RSA)
+        else:
+            with pytest.raises(ValueError, match="not a signing algorithm"):
+                _keys.key_spec(algorithm)
+
+
+def test_secret_attributes() -> None:
+    assert _keys.secret_attribute(Algorithm.RSA_3072_PSS_SHA256) is Attribute.PRIVATE_EXPONENT
+    assert _keys.secret_attribute(Algorithm.RSA_3072_OAEP_SHA256) is Attribute.PRIVATE_EXPONENT
+    for algorithm in (Algorithm.ECDSA_P256_SHA256, Algorithm.AES_256, Algorithm.HMAC_SHA256):
+        assert _keys.secret_attribute(algorithm) is Attribute.VALUE
 
 
 def test_sign_mechanisms_are_explicit() -> None:

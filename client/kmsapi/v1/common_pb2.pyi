@@ -113,6 +113,14 @@ class _KeyPurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyPurpose
     """Signs ESP app images into a Secure Boot V2 signature block; may also sign digests."""
     DIGEST_SIGNING: _KeyPurpose.ValueType  # 2
     """Signs digests of artifacts that are not ESP images."""
+    OTA_MANIFEST: _KeyPurpose.ValueType  # 3
+    """Signs the manifests of per-device sealed payloads (ECDSA P-256); never caller-supplied digests."""
+    KEY_ENCRYPTION: _KeyPurpose.ValueType  # 4
+    """The product's key-encryption key (AES-256): wraps device eFuse secrets inside the HSM."""
+    REGISTRATION_TRANSPORT: _KeyPurpose.ValueType  # 5
+    """RSA-3072 key factory stations wrap registration batch keys to (RSA-OAEP)."""
+    PAYLOAD_SEED: _KeyPurpose.ValueType  # 6
+    """HMAC-SHA256 key that derives the deterministic ephemerals of esp_encrypted_img payloads."""
 
 class KeyPurpose(_KeyPurpose, metaclass=_KeyPurposeEnumTypeWrapper):
     """What a key is for."""
@@ -122,6 +130,14 @@ SECURE_BOOT_V2: KeyPurpose.ValueType  # 1
 """Signs ESP app images into a Secure Boot V2 signature block; may also sign digests."""
 DIGEST_SIGNING: KeyPurpose.ValueType  # 2
 """Signs digests of artifacts that are not ESP images."""
+OTA_MANIFEST: KeyPurpose.ValueType  # 3
+"""Signs the manifests of per-device sealed payloads (ECDSA P-256); never caller-supplied digests."""
+KEY_ENCRYPTION: KeyPurpose.ValueType  # 4
+"""The product's key-encryption key (AES-256): wraps device eFuse secrets inside the HSM."""
+REGISTRATION_TRANSPORT: KeyPurpose.ValueType  # 5
+"""RSA-3072 key factory stations wrap registration batch keys to (RSA-OAEP)."""
+PAYLOAD_SEED: KeyPurpose.ValueType  # 6
+"""HMAC-SHA256 key that derives the deterministic ephemerals of esp_encrypted_img payloads."""
 Global___KeyPurpose: _TypeAlias = KeyPurpose  # noqa: Y015
 
 @_typing.final

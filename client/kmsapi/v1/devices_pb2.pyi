@@ -130,8 +130,8 @@ class RegisterDevicesHeader(_message.Message):
     """How DeviceRow.secret is sent:
      - transport_key_version empty: each secret is the plaintext 32 bytes (protected by mutual TLS only).
      - transport_key_version set: `wrapped_batch_key` is a random AES-256 batch key encrypted with RSA-OAEP
-       (SHA-256, MGF1-SHA-256, empty label) under that registration key, and each DeviceRow.secret is the
-       device secret wrapped under the batch key with AES key wrap with padding (RFC 5649), 40 bytes. The
+       (SHA-1, MGF1-SHA-1, empty label) under that registration key, and each DeviceRow.secret is the
+       device secret wrapped under the batch key with AES key wrap (RFC 3394), 40 bytes. The
        HSM unwraps the batch key once per stream and each secret straight into a session object, then wraps
        it under the KEK: the plaintext secret never exists in the service's memory. (The default of kmsctl.)
     """

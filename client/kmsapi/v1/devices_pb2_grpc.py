@@ -62,9 +62,9 @@ class DeviceRegistryServiceServicer:
     """
 
     def GetRegistrationKey(self, request, context):
-        """The product's registration transport key: an RSA-3072 public key (OAEP, SHA-256, MGF1-SHA-256, empty
-        label) that factory stations wrap a batch key to, so that device secrets are unwrapped only inside the
-        HSM. See RegisterDevicesHeader.
+        """The product's registration transport key: an RSA-3072 public key (RSA-OAEP with SHA-1, MGF1-SHA-1 and an
+        empty label: the OAEP parameters SoftHSM2 implements) that factory stations wrap a batch key to, so that
+        device secrets are unwrapped only inside the HSM. See RegisterDevicesHeader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

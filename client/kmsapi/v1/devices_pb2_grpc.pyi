@@ -39,9 +39,9 @@ class DeviceRegistryServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DeviceRegistryServiceAsyncStub: ...
     GetRegistrationKey: _grpc.UnaryUnaryMultiCallable[_devices_pb2.GetRegistrationKeyRequest, _devices_pb2.RegistrationKey]
-    """The product's registration transport key: an RSA-3072 public key (OAEP, SHA-256, MGF1-SHA-256, empty
-    label) that factory stations wrap a batch key to, so that device secrets are unwrapped only inside the
-    HSM. See RegisterDevicesHeader.
+    """The product's registration transport key: an RSA-3072 public key (RSA-OAEP with SHA-1, MGF1-SHA-1 and an
+    empty label: the OAEP parameters SoftHSM2 implements) that factory stations wrap a batch key to, so that
+    device secrets are unwrapped only inside the HSM. See RegisterDevicesHeader.
     """
     RegisterDevices: _grpc.StreamStreamMultiCallable[_devices_pb2.RegisterDevicesRequest, _devices_pb2.RegisterDevicesResponse]
     """Registers devices in bulk. The first request carries `header`, the following ones `devices` (at most
@@ -62,9 +62,9 @@ class DeviceRegistryServiceAsyncStub(DeviceRegistryServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetRegistrationKey: _aio.UnaryUnaryMultiCallable[_devices_pb2.GetRegistrationKeyRequest, _devices_pb2.RegistrationKey]  # type: ignore[assignment]
-    """The product's registration transport key: an RSA-3072 public key (OAEP, SHA-256, MGF1-SHA-256, empty
-    label) that factory stations wrap a batch key to, so that device secrets are unwrapped only inside the
-    HSM. See RegisterDevicesHeader.
+    """The product's registration transport key: an RSA-3072 public key (RSA-OAEP with SHA-1, MGF1-SHA-1 and an
+    empty label: the OAEP parameters SoftHSM2 implements) that factory stations wrap a batch key to, so that
+    device secrets are unwrapped only inside the HSM. See RegisterDevicesHeader.
     """
     RegisterDevices: _aio.StreamStreamMultiCallable[_devices_pb2.RegisterDevicesRequest, _devices_pb2.RegisterDevicesResponse]  # type: ignore[assignment]
     """Registers devices in bulk. The first request carries `header`, the following ones `devices` (at most
@@ -88,9 +88,9 @@ class DeviceRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _devices_pb2.GetRegistrationKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_devices_pb2.RegistrationKey, _abc.Awaitable[_devices_pb2.RegistrationKey]]:
-        """The product's registration transport key: an RSA-3072 public key (OAEP, SHA-256, MGF1-SHA-256, empty
-        label) that factory stations wrap a batch key to, so that device secrets are unwrapped only inside the
-        HSM. See RegisterDevicesHeader.
+        """The product's registration transport key: an RSA-3072 public key (RSA-OAEP with SHA-1, MGF1-SHA-1 and an
+        empty label: the OAEP parameters SoftHSM2 implements) that factory stations wrap a batch key to, so that
+        device secrets are unwrapped only inside the HSM. See RegisterDevicesHeader.
         """
 
     @_abc_1.abstractmethod

@@ -130,6 +130,7 @@ class Key(_message.Message):
     SBV2_SLOT_FIELD_NUMBER: _builtins.int
     PRIMARY_VERSION_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    ALGORITHM_NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"keys/{key_id}"."""
     product: _builtins.str
@@ -139,6 +140,10 @@ class Key(_message.Message):
     """Secure Boot V2 signature-block slot (0, 1 or 2) for SECURE_BOOT_V2 keys; -1 otherwise."""
     primary_version: _builtins.str
     """"keys/{key_id}/versions/{n}" of the version that signs new work."""
+    algorithm_name: _builtins.str
+    """The algorithm's name as the CLI and configuration spell it ("ecdsa-p256", "aes256", "rsa3072-oaep",
+    "hmac-sha256", ...); `algorithm` above is UNSPECIFIED for keys that do not sign.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]: ...
     def __init__(
@@ -151,10 +156,11 @@ class Key(_message.Message):
         sbv2_slot: _builtins.int = ...,
         primary_version: _builtins.str = ...,
         versions: _abc.Iterable[Global___KeyVersion] | None = ...,
+        algorithm_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "name", b"name", "primary_version", b"primary_version", "product", b"product", "purpose", b"purpose", "sbv2_slot", b"sbv2_slot", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "algorithm_name", b"algorithm_name", "name", b"name", "primary_version", b"primary_version", "product", b"product", "purpose", b"purpose", "sbv2_slot", b"sbv2_slot", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
