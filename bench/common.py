@@ -47,6 +47,10 @@ from typing import Literal, TypeAlias
 import google_crc32c
 import grpc
 import pkcs11
+
+from bench.echo import ECHO_METHOD, STREAM_METHOD
+from kms.hsm.config import HsmConfig
+from kms.server.config import load_config
 from kmsapi.v1 import common_pb2, signing_pb2
 from kmsctl import (
     MAX_RECEIVE_MESSAGE_BYTES,
@@ -55,10 +59,6 @@ from kmsctl import (
     KmsClient,
     RetryPolicy,
 )
-
-from bench.echo import ECHO_METHOD, STREAM_METHOD
-from kms.hsm.config import HsmConfig
-from kms.server.config import load_config
 from tests.support.esp_images import build_app_image
 from tests.support.kms_server import KeySpec, RunningKms, running_kms
 

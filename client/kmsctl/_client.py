@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Protocol, TypeVar
 
 import grpc
-from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 
+from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 from kmsctl import _wire
 from kmsctl._files import AtomicFile, ImageInput, ImageSource
 from kmsctl._models import (
@@ -54,6 +54,7 @@ from kmsctl._registration import (
     MAX_ROWS_PER_MESSAGE,
     BatchKey,
     Registration,
+    load_registration_key,
 )
 from kmsctl._retry import RetryPolicy, call_with_retry
 from kmsctl._sbv2 import describe_public_key
@@ -357,13 +358,13 @@ class KmsClient:
     # -- devices (factory stations, security officers) ------------------------------------------------
 
     def registration_key(self, product: str) -> RegistrationKeyInfo:
-        """``product``'s registration transport key (RSA-3072, PEM) that batch keys are wrapped to.
+        """``product``'s registration transport key (RSA-3072, PEM) that batch keys are encrypted to.
         Raises ``IntegrityError`` if it is not an RSA key of at least 3072 bits."""
         response = self._unary(
             self._get_registration_key, devices_pb2.GetRegistrationKeyRequest(product=product)
         )
         info = RegistrationKeyInfo(key_version=response.key_version, pem=response.pem)
-        BatchKey(info).wipe()  # checks the key
+        load_registration_key(info)
         return info
 
     def register_devices(

@@ -64,14 +64,24 @@ class DeviceInput:
         self.kind = kind
         if kind == "csv":
             with path.open(encoding="utf-8-sig", newline="") as file:
-                self._columns = _csv_columns(file)
+                try:
+                    self._columns = _csv_columns(file)
+                except (UnicodeDecodeError, csv.Error) as error:
+                    raise InputError(f"not a readable CSV text file: {error}") from None
 
     def __iter__(self) -> Iterator[InputRow]:
-        return self._csv_rows() if self.kind == "csv" else self._jsonl_rows()
+        """The rows in file order. A file that stops being readable text part-way raises ``InputError``."""
+        try:
+            yield from self._csv_rows() if self.kind == "csv" else self._jsonl_rows()
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise InputError(f"not a readable {self.kind.upper()} text file: {error}") from None
 
     def count(self, *, after: int = 0) -> int:
         """How many rows (devices, well-formed or not) the file holds after row ``after``."""
-        return sum(1 for row, _ in self._records() if row > after)
+        try:
+            return sum(1 for row, _ in self._records() if row > after)
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise InputError(f"not a readable {self.kind.upper()} text file: {error}") from None
 
     def sha256(self) -> str:
         hasher = hashlib.sha256()

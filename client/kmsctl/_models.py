@@ -140,7 +140,8 @@ _CHIP = re.compile(r"[a-z0-9]{1,32}")
 
 @dataclass(frozen=True)
 class RegistrationKeyInfo:
-    """A product's registration transport key: RSA-3072 (OAEP-SHA-256) that batch keys are wrapped to."""
+    """A product's registration transport key: RSA-3072 (OAEP) that registration batch keys are encrypted
+    to; ``pem`` is its SubjectPublicKeyInfo."""
 
     key_version: str
     pem: str

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
-from kmsapi.v1 import devices_pb2
 
+from kmsapi.v1 import devices_pb2
 from kmsctl import _wire
 from kmsctl._files import fsync_directory
 from kmsctl._models import PayloadFormat, PayloadInfo, ProgressCallback

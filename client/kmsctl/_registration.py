@@ -1,11 +1,11 @@
 """Bulk device registration: the RegisterDevices stream, with wrapped secrets, a bounded window and resume.
 
 Transport ("wrapped", the default): the client makes a random AES-256 batch key, encrypts it to the
-product's registration key (RSA-OAEP, SHA-256, MGF1-SHA-256, empty label) and wraps each secret under it
-with AES key wrap with padding (RFC 5649, 40 bytes per 32-byte secret), so plaintext secrets never leave
-the client and are unwrapped only inside the server's HSM. The batch key is overwritten when the call ends
-(best effort: the RSA and AES-KW bindings take ``bytes`` copies that Python cannot wipe). "plain" sends the
-32 bytes as they are, protected by mutual TLS only.
+product's registration key (RSA-OAEP with SHA-1, MGF1-SHA-1 and an empty label, the OAEP parameters
+SoftHSM2 implements; see devices.proto) and wraps each secret under it with AES key wrap (RFC 3394, 40 bytes
+per 32-byte secret), so plaintext secrets never leave the client and are unwrapped only inside the server's
+HSM. The batch key is overwritten when the call ends (best effort: the RSA binding takes a ``bytes`` copy
+that Python cannot wipe). "plain" sends the 32 bytes as they are, protected by mutual TLS only.
 
 Flow: the header, then ``DeviceRows`` messages of ``batch_size`` rows. The server answers each message with
 one response once its rows are committed, in order. At most ``window`` messages are sent and not yet
@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
-from kmsapi.v1 import devices_pb2
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
+from kmsapi.v1 import devices_pb2
 from kmsctl import _wire
 from kmsctl._models import (
     DeviceRegistration,
@@ -64,27 +64,34 @@ if TYPE_CHECKING:
     ]
 
 
+def load_registration_key(registration_key: RegistrationKeyInfo) -> rsa.RSAPublicKey:
+    """The public key of a registration key; ``IntegrityError`` unless it is RSA of at least 3072 bits."""
+    try:
+        public_key = serialization.load_pem_public_key(registration_key.pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as error:
+        raise IntegrityError(f"the server's registration key does not parse: {error}") from error
+    if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < _MIN_RSA_BITS:
+        raise IntegrityError(
+            f"the server's registration key {registration_key.key_version} is not an RSA key of at "
+            f"least {_MIN_RSA_BITS} bits; refusing to wrap secrets to it"
+        )
+    return public_key
+
+
 class BatchKey:
-    """A random AES-256 batch key wrapped to the registration key; ``wipe()`` overwrites it."""
+    """A random AES-256 batch key, encrypted to the registration key (``wrapped``); ``wipe()`` overwrites
+    it."""
 
     def __init__(self, registration_key: RegistrationKeyInfo) -> None:
-        try:
-            public_key = serialization.load_pem_public_key(registration_key.pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError) as error:
-            raise IntegrityError(f"the server's registration key does not parse: {error}") from error
-        if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < _MIN_RSA_BITS:
-            raise IntegrityError(
-                f"the server's registration key {registration_key.key_version} is not an RSA key of at "
-                f"least {_MIN_RSA_BITS} bits; refusing to wrap secrets to it"
-            )
+        public_key = load_registration_key(registration_key)
         self.key_version = registration_key.key_version
         self._key = bytearray(secrets.token_bytes(BATCH_KEY_SIZE))
-        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
         self.wrapped = public_key.encrypt(bytes(self._key), oaep)
 
     def wrap(self, secret: bytes) -> bytes:
-        """The secret wrapped with AES key wrap with padding (RFC 5649): 40 bytes for 32."""
-        return aes_key_wrap_with_padding(self._key, bytes(secret))
+        """The secret wrapped with AES key wrap (RFC 3394): 40 bytes for 32."""
+        return aes_key_wrap(self._key, bytes(secret))
 
     def wipe(self) -> None:
         self._key[:] = bytes(len(self._key))

@@ -11,8 +11,8 @@ from typing import Any
 
 import google_crc32c
 import grpc
-from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 
+from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 from kmsctl import errors
 from kmsctl._models import (
     Algorithm,

@@ -458,7 +458,10 @@ def _devices_register(args: argparse.Namespace, client: KmsClient) -> Outcome:
     resumed_after = state.last_row
     earlier = list(state.rejected)  # details of the earlier runs' rejected rows (up to a limit)
     show_progress = not (args.json or args.quiet) and sys.stderr.isatty()
-    total = source.count(after=resumed_after) if show_progress else None
+    try:
+        total = source.count(after=resumed_after) if show_progress else None
+    except InputError as error:
+        raise BadInputError(f"{path}: {error}") from None
     if args.plain_secrets and not args.quiet and not args.json:
         print("kmsctl: warning: sending eFuse secrets in plaintext (mutual TLS only)", file=sys.stderr)
     with _ProgressBar(enabled=show_progress, description=f"register {path.name}", unit="dev") as bar:
@@ -472,10 +475,12 @@ def _devices_register(args: argparse.Namespace, client: KmsClient) -> Outcome:
                 progress=run.progress,
                 on_outcome=run.outcome,
             )
-        except errors.KmsClientError as error:
+        except (errors.KmsClientError, InputError) as error:
+            hint = f"; progress saved in {state_path}: run again to resume after row {state.last_row}"
+            if isinstance(error, InputError):
+                raise BadInputError(f"{path}: {error}{hint if state.last_row else ''}") from None
             if state.last_row == 0:
                 raise
-            hint = f"; progress saved in {state_path}: run again to resume after row {state.last_row}"
             raise type(error)(error.message + hint, code=error.code) from error
         run.finish()
     state_path.unlink(missing_ok=True)
@@ -975,7 +980,8 @@ def _connection_options() -> argparse.ArgumentParser:
         type=_positive_float,
         default=30.0,
         metavar="SECONDS",
-        help="deadline of each attempt (default %(default)s)",
+        help="deadline of each attempt; for the registration and payload streams, the longest the server "
+        "may stay silent (default %(default)s)",
     )
     group.add_argument(
         "--retries",

@@ -79,7 +79,6 @@ UNAVAILABLE: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.DeviceError,
     p11e.DeviceMemory,
     p11e.DeviceRemoved,
-    p11e.GeneralError,
     p11e.SessionClosed,
     p11e.SessionCount,
     p11e.SessionHandleInvalid,
@@ -87,7 +86,15 @@ UNAVAILABLE: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.TokenNotRecognised,
     p11e.UserNotLoggedIn,
 )
-"""Errors after which the session is suspect and reconnecting may help."""
+"""Errors after which the session is suspect and reconnecting may help.
+
+``CKR_GENERAL_ERROR`` is not among them: SoftHSM2 returns it for an unwrap whose integrity check fails (a
+caller's malformed blob), with the session intact. After a general error the token is asked for its info;
+only if that fails too is the connection treated as lost (``Connection._is_outage_locked``).
+"""
+
+_UNREACHABLE = (*UNAVAILABLE, p11e.GeneralError)
+"""Errors that, while connecting or probing the token (no caller input involved), mean it is out of reach."""
 
 _STALE_HANDLE = (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid)
 _PIN_REFUSED = (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked, p11e.PinExpired)
@@ -181,7 +188,7 @@ class Connection:
             except _STALE_HANDLE:
                 self._keys.clear()
             except p11e.PKCS11Error as e:
-                if not isinstance(e, UNAVAILABLE):
+                if not self._is_outage_locked(e):
                     raise HsmFailure(f"the HSM refused to {what}") from e
                 self._mark_broken_locked(e)
                 if not retry:
@@ -190,7 +197,7 @@ class Connection:
             try:
                 return operation(session)
             except p11e.PKCS11Error as e:
-                if isinstance(e, UNAVAILABLE):
+                if self._is_outage_locked(e):
                     self._mark_broken_locked(e)
                     raise HsmUnavailable(f"the HSM became unavailable while trying to {what}") from e
                 raise HsmFailure(f"the HSM refused to {what}") from e
@@ -212,7 +219,7 @@ class Connection:
             try:
                 flags = self._token.slot.get_token().flags
             except p11e.PKCS11Error as e:
-                if isinstance(e, UNAVAILABLE):
+                if isinstance(e, _UNREACHABLE):
                     self._mark_broken_locked(e)
                 return False
             return bool(flags & TokenFlag.TOKEN_INITIALIZED) and not flags & TokenFlag.USER_PIN_LOCKED
@@ -246,6 +253,18 @@ class Connection:
         if self._broken or self._session is None:
             return self._reopen_locked()
         return self._session
+
+    def _is_outage_locked(self, error: p11e.PKCS11Error) -> bool:
+        """Whether an error means the HSM or the session is gone (rather than this operation refused)."""
+        if isinstance(error, UNAVAILABLE):
+            return True
+        if not isinstance(error, p11e.GeneralError) or self._token is None:
+            return False
+        try:
+            self._token.slot.get_token()
+        except p11e.PKCS11Error:
+            return True
+        return False
 
     def _mark_broken_locked(self, error: BaseException) -> None:
         if not self._broken:
@@ -297,7 +316,7 @@ class Connection:
         try:
             lib = pkcs11.lib(str(self._config.module_path))
         except p11e.PKCS11Error as e:
-            if isinstance(e, UNAVAILABLE):
+            if isinstance(e, _UNREACHABLE):
                 raise HsmUnavailable("the PKCS#11 module cannot reach the HSM") from e
             raise HsmFailure("the PKCS#11 module cannot be loaded or initialized") from e
         self._lib = lib
@@ -312,7 +331,7 @@ class Connection:
             self._pin_refused = True
             raise HsmFailure("the HSM refused the PIN") from e
         except p11e.PKCS11Error as e:
-            if isinstance(e, UNAVAILABLE):
+            if isinstance(e, _UNREACHABLE):
                 raise HsmUnavailable("the HSM token cannot be reached") from e
             raise HsmFailure("the HSM refused to open a session") from e
         self._token = token

@@ -158,6 +158,7 @@ def _unwrap_batch_key(resolve: Resolve, batch: TransportBatch) -> Any:
         p11e.WrappedKeyInvalid,
         p11e.WrappedKeyLenRange,
         p11e.ArgumentsBad,
+        p11e.GeneralError,  # SoftHSM2's answer to a failed integrity check, session intact
     ) as e:
         raise InvalidArgument(
             "wrapped_batch_key does not decrypt under the registration key (RSA-OAEP, SHA-1, MGF1-SHA-1, "
@@ -228,6 +229,7 @@ def _secret_object(session: pkcs11.Session, batch_key: Any, secret: bytes) -> An
         p11e.EncryptedDataInvalid,
         p11e.EncryptedDataLenRange,
         p11e.ArgumentsBad,
+        p11e.GeneralError,  # SoftHSM2's answer to a failed RFC 3394 integrity check, session intact
     ) as e:
         raise InvalidArgument(
             "the wrapped secret does not unwrap under the batch key (AES key wrap, RFC 3394)"

@@ -19,7 +19,6 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kmsapi.v1 import devices_pb2, devices_pb2_grpc, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 from kms.hsm.config import HsmConfig
 from kms.hsm.pkcs11_hsm import Pkcs11Hsm
@@ -37,6 +36,7 @@ from kms.store.devices import SqliteDeviceRepository
 from kms.store.keys import SqliteKeyRepository
 from kms.store.releases import SqliteReleaseRepository
 from kms.store.signature_log import SqliteSignatureLog
+from kmsapi.v1 import devices_pb2, devices_pb2_grpc, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 log = logging.getLogger("kms.server")
 

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from kmsapi.v1 import devices_pb2, devices_pb2_grpc
 
 from kms.domain.devices import Device, Registration
 from kms.domain.errors import InvalidArgument, KmsError
@@ -15,6 +14,7 @@ from kms.server.auth import caller_of
 from kms.server.errors import status_of, translate_errors
 from kms.service.distribution import DEFAULT_SEGMENT_SIZE, Distribution, PayloadFormat
 from kms.service.registry import DeviceRegistry, RegistrationRow
+from kmsapi.v1 import devices_pb2, devices_pb2_grpc
 
 PAYLOAD_CHUNK = 64 * 1024
 

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 import google_crc32c
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 from kms.domain import sbv2
 from kms.domain.errors import DataLoss, InvalidArgument, LimitExceeded
@@ -21,6 +20,7 @@ from kms.domain.signatures import SignatureEncoding
 from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
 from kms.service.signing import SigningService
+from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 MAX_UPLOAD_CHUNK = 256 * 1024
 DOWNLOAD_CHUNK = 128 * 1024

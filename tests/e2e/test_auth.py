@@ -9,10 +9,10 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
-from kmsctl import KmsClient, PermissionDeniedError, RetryPolicy
 
 from kms.server.pki import issue, make_ca
+from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from kmsctl import KmsClient, PermissionDeniedError, RetryPolicy
 from tests.support.esp_images import build_app_image
 from tests.support.kms_server import RunningKms
 

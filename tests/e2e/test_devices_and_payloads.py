@@ -92,7 +92,7 @@ def _payload(
     release: str,
     *,
     offset: int = 0,
-    fmt: int = devices_pb2.FKSP_V1,
+    fmt: devices_pb2.PayloadFormat.ValueType = devices_pb2.FKSP_V1,
     **extra: int,
 ) -> tuple[devices_pb2.PayloadInfo, bytes]:
     with _channel(server, "distribution-server") as channel:
@@ -217,10 +217,18 @@ def _spki_point(der: bytes) -> bytes:
     return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 
-def _code(server: RunningKms, device_id: str, release: str, **extra: int) -> grpc.StatusCode:
+def _code(
+    server: RunningKms,
+    device_id: str,
+    release: str,
+    *,
+    offset: int = 0,
+    fmt: devices_pb2.PayloadFormat.ValueType = devices_pb2.FKSP_V1,
+    **extra: int,
+) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as error:
-        _payload(server, device_id, release, **extra)
-    return error.value.code()  # type: ignore[no-any-return]
+        _payload(server, device_id, release, offset=offset, fmt=fmt, **extra)
+    return error.value.code()
 
 
 def test_bad_payload_requests(kms_server: RunningKms) -> None:

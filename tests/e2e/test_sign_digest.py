@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import utils
+
 from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 from kmsctl import InvalidArgumentError, NotFoundError
-
 from tests.support.espressif_tools import run
 from tests.support.kms_server import RunningKms
 

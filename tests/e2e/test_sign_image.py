@@ -7,13 +7,13 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from kmsctl import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
-
 from tests.e2e.conftest import ALGORITHMS
 from tests.support.esp_images import build_app_image, refresh_footer
 from tests.support.espressif_tools import exit_codes, run

@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11e
 
@@ -557,11 +557,6 @@ def test_import_plaintext_secrets_and_hmac_with_them(hsm: Pkcs11Hsm, secret_key_
         assert payload_key == hmac.new(secret, b"payload 7", "sha256").digest()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kms.hsm.secret_keys checks CKA_VALUE_LEN of the unwrapped secret, which SoftHSM2 2.6.1 "
-    "leaves at 0 for unwrapped generic secrets (and refuses in the unwrap template: ATTRIBUTE_READ_ONLY)",
-)
 def test_import_secrets_through_a_transport_batch(hsm: Pkcs11Hsm, secret_key_ids: SecretKeys) -> None:
     transport_public = serialization.load_der_public_key(secret_key_ids.transport.public_key_der)
     assert isinstance(transport_public, rsa.RSAPublicKey)
@@ -569,13 +564,52 @@ def test_import_secrets_through_a_transport_batch(hsm: Pkcs11Hsm, secret_key_ids
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
     batch = TransportBatch(secret_key_ids.transport.hsm_id, transport_public.encrypt(batch_key, oaep))
     device_secret = secrets.token_bytes(32)
-    wrapped_for_transport = aes_key_wrap_with_padding(batch_key, device_secret)
-    [result] = hsm.import_secrets(
-        secret_key_ids.kek, [wrapped_for_transport], transport=batch, fingerprint_message=b"fp"
+    wrapped_for_transport = aes_key_wrap(batch_key, device_secret)  # RFC 3394: 40 bytes
+    too_short = aes_key_wrap(batch_key, secrets.token_bytes(24))
+    result, short = hsm.import_secrets(
+        secret_key_ids.kek, [wrapped_for_transport, too_short], transport=batch, fingerprint_message=b"fp"
     )
+    assert isinstance(short, InvalidArgument)
     assert isinstance(result, ImportedSecret)
+    assert aes_key_unwrap(batch_key, wrapped_for_transport) == device_secret
     assert result.fingerprint == hmac.new(device_secret, b"fp", "sha256").digest()
     assert (
         hsm.hmac_with_wrapped_secret(secret_key_ids.kek, result.wrapped, b"m")
         == hmac.new(device_secret, b"m", "sha256").digest()
     )
+
+
+def test_a_corrupted_wrapped_secret_is_no_outage(
+    hsm: Pkcs11Hsm, secret_key_ids: SecretKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SoftHSM2 answers CKR_GENERAL_ERROR to an unwrap whose integrity check fails, session intact.
+
+    The adapter asks the token whether it is still there before calling that an outage, so a caller's bad
+    blob neither forces a reconnection nor reads as UNAVAILABLE.
+    """
+    [imported] = hsm.import_secrets(
+        secret_key_ids.kek, [secrets.token_bytes(32)], transport=None, fingerprint_message=b"fp"
+    )
+    assert isinstance(imported, ImportedSecret)
+    corrupted = bytes([imported.wrapped[0] ^ 1]) + imported.wrapped[1:]
+    with pytest.raises(HsmFailure):
+        hsm.hmac_with_wrapped_secret(secret_key_ids.kek, corrupted, b"m")
+    assert "connection lost" not in caplog.text
+    assert hsm.is_available()
+
+
+def test_a_corrupted_transport_blob_is_refused_in_its_slot(
+    hsm: Pkcs11Hsm, secret_key_ids: SecretKeys
+) -> None:
+    transport_public = serialization.load_der_public_key(secret_key_ids.transport.public_key_der)
+    assert isinstance(transport_public, rsa.RSAPublicKey)
+    batch_key = secrets.token_bytes(32)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
+    batch = TransportBatch(secret_key_ids.transport.hsm_id, transport_public.encrypt(batch_key, oaep))
+    good = aes_key_wrap(batch_key, secrets.token_bytes(32))
+    corrupted = bytes([good[0] ^ 1]) + good[1:]
+    results = hsm.import_secrets(
+        secret_key_ids.kek, [good, corrupted], transport=batch, fingerprint_message=b"fp"
+    )
+    assert isinstance(results[0], ImportedSecret)
+    assert isinstance(results[1], InvalidArgument)

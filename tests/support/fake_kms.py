@@ -6,14 +6,14 @@ with a given status, stall, or tamper with a response in one of the ways listed 
 image" is the input padded with 0xFF to a multiple of 4096 plus a 4096-byte sector of 0x5A: the client does
 not parse it, only checks it against the release.
 
-The device registry keeps plaintext secrets in a dict (after unwrapping them with its RSA registration key
-and the stream's batch key, as the HSM would), so tests can check what arrived. Registration acknowledges
-each DeviceRows message once its rows are "committed", reading requests on a thread of its own so that a
-client may run ahead (``max_unacked`` records how far it did); ``register_break_after`` cuts a stream with
-UNAVAILABLE right after committing a message and before acknowledging it, the worst moment for a client.
-Payloads are deterministic pseudo-random bytes behind a well-formed FKSP v1 header and manifest (or an
-esp_encrypted_img header) for the releases in ``RELEASES``; ``payload_break_after`` and
-``payload_end_after`` cut a download with UNAVAILABLE or a clean early end.
+The device registry keeps plaintext secrets in a dict (after unwrapping them with its RSA registration key,
+OAEP-SHA-1, and the stream's batch key, RFC 3394, as the HSM would), so tests can check what arrived.
+Registration acknowledges each DeviceRows message once its rows are "committed", reading requests on a
+thread of its own so that a client may run ahead (``max_unacked`` records how far it did);
+``register_break_after`` cuts a stream with UNAVAILABLE right after committing a message and before
+acknowledging it, the worst moment for a client. Payloads are deterministic pseudo-random bytes behind a
+well-formed FKSP v1 header and manifest (or an esp_encrypted_img header) for the releases in ``RELEASES``;
+``payload_break_after`` and ``payload_end_after`` cut a download with UNAVAILABLE or a clean early end.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import google_crc32c
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
 from kmsapi.v1 import (
     common_pb2,
     devices_pb2,
@@ -46,7 +47,6 @@ from kmsapi.v1 import (
     signing_pb2_grpc,
 )
 from kmsctl import sbv2_key_digest
-
 from tests.support.pki_for_tests import ThrowawayPki
 
 SERVER_MAX_CHUNK = 256 * 1024
@@ -178,7 +178,8 @@ CHIPS = {
     "esp32p4",
 }
 _DEVICE_ID = re.compile(r"[\x21-\x7e]{1,64}")
-OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+# The transport's OAEP, as devices.proto specifies it (SHA-1: what SoftHSM2 implements).
+OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
 
 
 def registration_key_version(product: str) -> str:
@@ -582,7 +583,7 @@ class FakeKms(
             if len(secret) != 40:
                 return reject(grpc.StatusCode.INVALID_ARGUMENT, "a wrapped secret is 40 bytes")
             try:
-                secret = aes_key_unwrap_with_padding(batch_key, secret)
+                secret = aes_key_unwrap(batch_key, secret)
             except InvalidUnwrap:
                 return reject(grpc.StatusCode.INVALID_ARGUMENT, "the secret does not unwrap")
         if len(secret) != 32:

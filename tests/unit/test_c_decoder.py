@@ -29,6 +29,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from kmsctl.device import (
     DecodedManifest,
     DeviceContext,
@@ -38,7 +39,6 @@ from kmsctl.device import (
     manifest_key_id,
     segment_nonce,
 )
-
 from tests.support.sealed_tamper import TamperCase, sign_raw, standard_context
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+
 from kmsctl import (
     UPLOAD_CHUNK_SIZE,
     Algorithm,
@@ -31,7 +32,6 @@ from kmsctl import (
     UnauthenticatedError,
     UnavailableError,
 )
-
 from tests.support import fake_kms
 from tests.support.fake_kms import FakeKms, RunningServer, Tamper, signed_image
 

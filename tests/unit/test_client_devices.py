@@ -12,6 +12,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from kmsapi.v1 import devices_pb2
 from kmsctl import (
     DeadlineExceededError,
@@ -30,7 +31,6 @@ from kmsctl import (
     UnavailableError,
 )
 from kmsctl._registration import BatchKey
-
 from tests.support import fake_kms
 from tests.support.fake_kms import DOORBELL_RELEASE, THERMOSTAT_RELEASE, FakeKms, RunningServer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from kmsctl import NotFoundError, RetryPolicy, UnavailableError
 from kmsctl._retry import call_with_retry
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
 from kmsctl import Algorithm, sbv2_key_digest
 from kmsctl._sbv2 import describe_public_key
-
 from tests.support import espressif_tools
 
 

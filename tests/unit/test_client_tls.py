@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kmsctl import KmsClient, RetryPolicy, UnavailableError
 
+from kmsctl import KmsClient, RetryPolicy, UnavailableError
 from tests.support import fake_kms
 from tests.support.fake_kms import FakeKms, RunningServer
 from tests.support.pki_for_tests import ThrowawayPki, make_pki

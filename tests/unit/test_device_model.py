@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kmsctl.device import (
     DecodedManifest,
     DeviceModel,
@@ -19,7 +20,6 @@ from kmsctl.device import (
     cut_stream,
     decode_stream,
 )
-
 from tests.support.sealed_tamper import (
     StandardContext,
     TamperCase,

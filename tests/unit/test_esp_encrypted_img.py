@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kmsctl.device import esp_encrypted_img as device
-from kmsctl.device.esp_encrypted_img import ImageRejected, Reason
 
 from kms.domain import esp_encrypted_img as eei
 from kms.domain.errors import InvalidArgument, OutOfRange
+from kmsctl.device import esp_encrypted_img as device
+from kmsctl.device.esp_encrypted_img import ImageRejected, Reason
 
 VECTORS = json.loads(
     (Path(__file__).parents[1] / "vectors" / "esp_encrypted_img" / "ecies_p256.json").read_text()

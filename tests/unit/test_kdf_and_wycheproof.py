@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from kmsctl.device import aes256gcm_open, hmac_sha256, verify_p256_signature
 
 from kms.domain import sealed
+from kmsctl.device import aes256gcm_open, hmac_sha256, verify_p256_signature
 
 # (IKM, salt, info, PRK, OKM), RFC 5869 appendix A.1-A.3.
 RFC5869 = [

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+
 from kmsctl import sbv2_key_digest
 from kmsctl.cli import main
-
 from tests.support import fake_kms
 from tests.support.fake_kms import FakeKms, RunningServer, signed_image
 from tests.support.pki_for_tests import ThrowawayPki, make_pki

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from kmsapi.v1 import devices_pb2
 from kmsctl.device.esp_encrypted_img import device_public_key_der, efuse_hmac_from_secret
-
 from tests.support import fake_kms
 from tests.support.fake_kms import THERMOSTAT_RELEASE, FakeKms, RunningServer
 from tests.support.pki_for_tests import ThrowawayPki, make_pki
@@ -366,6 +366,18 @@ def test_an_unusable_csv_header_exits_3_before_connecting(
     assert result.returncode == 3
     assert message in one_error_line(result)
     assert fake.calls == []
+
+
+def test_an_unreadable_or_missing_input_exits_3(kmsctl: Kmsctl, fake: FakeKms, work: Path) -> None:
+    (work / "devices.csv").write_bytes(b"device_id,chip,secret\n" + b"\xff\xfe garbage\n" * 3)
+    result = kmsctl("devices", "register", "--product", "thermostat", "--csv", "devices.csv")
+    assert result.returncode == 3
+    assert "devices.csv: not a readable CSV text file" in one_error_line(result)
+    assert fake.wire_rows == []
+
+    result = kmsctl("devices", "register", "--product", "thermostat", "--jsonl", "missing.jsonl")
+    assert result.returncode == 3
+    assert one_error_line(result) == "kmsctl: error: missing.jsonl: No such file or directory"
 
 
 def test_an_interrupted_registration_resumes_from_its_state_file(

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kmsctl.device import DeviceModel, Verdict, verify_p256_signature
-from kmsctl.device.decoder import manifest_key_id
 
 from kms.domain import sealed
 from kms.domain.errors import InvalidArgument, OutOfRange
+from kmsctl.device import DeviceModel, Verdict, verify_p256_signature
+from kmsctl.device.decoder import manifest_key_id
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "sealed"
 VECTOR_NAMES = sorted(path.stem for path in VECTORS.glob("*.json"))
