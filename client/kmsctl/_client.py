@@ -465,8 +465,9 @@ class KmsClient:
         early) is resumed at the byte it reached, under the client's ``RetryPolicy`` (attempts in a row
         without progress). The total size is checked, and so is the payload's header (FKSP: layout, device
         id, the release's image SHA-256; esp_encrypted_img: magic and size); a mismatch raises
-        ``IntegrityError`` and leaves no file. After UNAVAILABLE, DEADLINE_EXCEEDED or an interruption the
-        ``.part`` is kept for a resumed call. ``progress(position, total_size)`` runs on the caller's thread.
+        ``IntegrityError`` and removes the ``.part``. After any other failure (UNAVAILABLE after the
+        retries, DEADLINE_EXCEEDED, a refusal, an interruption) a non-empty ``.part`` is kept for a resumed
+        call. ``progress(position, total_size)`` runs on the caller's thread.
         """
         wire_format = _wire.PAYLOAD_FORMATS.get(format)
         if wire_format is None:

@@ -294,7 +294,7 @@ class Registration:
                 device_id=registration.device_id,
                 chip=registration.chip,
                 secret=self._batch_key.wrap(secret) if self._batch_key is not None else bytes(secret),
-                ecies_public_key=registration.ecies_public_key or b"",
+                ecies_public_key=_sec1(registration.ecies_public_key),
             )
             numbers.append((number, registration.device_id))
             if len(numbers) == self._batch_size:
@@ -304,6 +304,13 @@ class Registration:
         if not numbers:
             return None
         return _Batch(devices_pb2.RegisterDevicesRequest(devices=rows), numbers)
+
+
+def _sec1(ecies_public_key: bytes | None) -> bytes:
+    """The ECIES key as SEC1 uncompressed (04||X||Y, 65 bytes), the form every server version accepts."""
+    if not ecies_public_key:
+        return b""
+    return b"\x04" + ecies_public_key if len(ecies_public_key) == 64 else bytes(ecies_public_key)
 
 
 def _span(rows: Iterable[int]) -> str:

@@ -17,11 +17,14 @@ KEYS = [
     for alg, name in ALGORITHMS.items()
     for blocks in (1, 2, 3)
     for slot in range(blocks)
-] + [KeySpec("artifacts-p256", "artifacts", "ecdsa-p256", None, "digest-signing")]
+] + [
+    KeySpec("artifacts-p256", "artifacts", "ecdsa-p256", None, "digest-signing"),
+    KeySpec("fleet-sbv2-0", "fleet", "ecdsa-p256", 0),
+]
 
 
 # Products with manifest, KEK, registration and payload-seed keys (factory and distribution tests).
-PRODUCT_SETS = ["p256-1", "rsa-1"]
+PRODUCT_SETS = ["fleet"]
 
 
 @pytest.fixture(scope="session")

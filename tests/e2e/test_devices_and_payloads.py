@@ -24,7 +24,7 @@ from kmsctl.device import esp_encrypted_img as device_esp
 from tests.support.esp_images import build_app_image
 from tests.support.kms_server import RunningKms, running_kms
 
-PRODUCT = "p256-1"
+PRODUCT = "fleet"
 CHIP = "esp32c6"
 CHIP_ID = 0x000D
 Outcome = devices_pb2.RowOutcome

@@ -165,7 +165,9 @@ def test_ecies_keys_and_explicit_row_numbers_are_sent(client: KmsClient, fake: F
     ]
     outcomes: list[RowOutcome] = []
     client.register_devices("thermostat", rows, on_outcome=outcomes.append)
-    assert [(row.row, row.ecies_public_key) for row in fake.wire_rows] == [(2, point[1:]), (7, point)]
+    assert [(row.row, row.ecies_public_key) for row in fake.wire_rows] == [(2, point), (7, point)], (
+        "X||Y goes out as SEC1 04||X||Y"
+    )
     assert [(o.row, o.device_id, o.status) for o in outcomes] == [
         (2, "24:6f:28:00:00:01", RegistrationStatus.CREATED),
         (7, "24:6f:28:00:00:02", RegistrationStatus.CREATED),
