@@ -139,7 +139,8 @@ class Comparison:
     name: str
     subject: Series
     baseline: Series
-    target: float
+    target: float | None
+    """The issue's target for the ratio; None for comparisons reported for information only."""
     note: str = ""
 
     @property
@@ -152,8 +153,8 @@ class Comparison:
         return [s / b for s, b in pairs if b]
 
     @property
-    def met(self) -> bool:
-        return self.ratio >= self.target
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio >= self.target
 
     def to_json(self) -> dict[str, object]:
         paired = self.paired_ratios
@@ -189,8 +190,8 @@ def format_table(comparisons: Sequence[Comparison]) -> str:
                 f"{_rate(c.baseline.median)} {c.baseline.unit}",
                 f"{c.ratio:.2f}x",
                 f"{statistics.median(paired):.2f}x" if paired else "-",
-                f">= {c.target:g}x",
-                "yes" if c.met else "NO",
+                "-" if c.target is None else f">= {c.target:g}x",
+                {True: "yes", False: "NO", None: "info"}[c.met],
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
