@@ -112,9 +112,7 @@ class DeviceRegistry:
                     raise InvalidArgument(
                         f"the {how} secret must be {secret_size} bytes, not {len(row.secret)}"
                     )
-                ecies = (
-                    normalize_device_public_key(row.ecies_public_key)[1:] if row.ecies_public_key else None
-                )
+                ecies = _ecies_point(row.ecies_public_key)
                 if row.device_id in seen:
                     raise InvalidArgument(f"device {row.device_id!r} appears twice in the same message")
                 seen.add(row.device_id)
@@ -161,6 +159,13 @@ class DeviceRegistry:
 
     def kek_version_name(self, device: Device) -> str:
         return f"keys/{device.secret.kek_key_id}/versions/{device.secret.kek_version}"
+
+
+def _ecies_point(key: bytes) -> bytes | None:
+    """X||Y (64 bytes) of an esp_encrypted_img device key given as X||Y, SEC1 or DER; None if absent."""
+    if not key:
+        return None
+    return normalize_device_public_key(b"\x04" + key if len(key) == 64 else key)[1:]
 
 
 def kek_hsm_id(keys: KeyRepository, device: Device) -> bytes:
