@@ -203,8 +203,12 @@ def format_table(comparisons: Sequence[Comparison]) -> str:
 def format_series(comparisons: Sequence[Comparison]) -> str:
     """Every sample, one line per series, for the reader who wants to see the spread."""
     lines = []
+    shown: set[int] = set()
     for c in comparisons:
         for s in (c.subject, c.baseline):
+            if id(s) in shown:
+                continue
+            shown.add(id(s))
             samples = ", ".join(_rate(v) for v in s.samples)
             lines.append(f"  {s.name}: median {_rate(s.median)} {s.unit} from [{samples}]")
     return "\n".join(lines)

@@ -7,8 +7,10 @@ manifest signature, anti-rollback) and, for esp_encrypted_img, the independent d
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.support.kms_server import RunningKms, running_kms
 PRODUCT = "fleet"
 CHIP = "esp32c6"
 CHIP_ID = 0x000D
+ROOT = Path(__file__).resolve().parents[2]
 Outcome = devices_pb2.RowOutcome
 
 
@@ -264,3 +267,75 @@ def test_roles_on_the_device_paths(kms_server: RunningKms) -> None:
         with pytest.raises(grpc.RpcError) as error:
             registry.GetRegistrationKey(devices_pb2.GetRegistrationKeyRequest(product=PRODUCT), timeout=10)
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_factory_to_device_with_the_cli_and_the_c_decoder(kms_server: RunningKms, tmp_path: Path) -> None:
+    """kmsctl at the factory and the distribution server; the C/mbedTLS decoder on the device."""
+    build = tmp_path / "c"
+    make = subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "client" / "device-c"), f"BUILD={build}"],
+        capture_output=True,
+        text=True,
+    )
+    assert make.returncode == 0, make.stderr
+    key_file = tmp_path / "device.key"
+    made = kms_server.kmsctl("devices", "new-secret", "-o", str(key_file))
+    assert made.returncode == 0, made.stderr
+    device_id = "24:6f:28:00:05:00"
+    csv = tmp_path / "devices.csv"
+    csv.write_text(f"device_id,chip,secret_file\n{device_id},{CHIP},{key_file}\n")
+    registered = kms_server.kmsctl("devices", "register", "--product", PRODUCT, "--csv", str(csv), "--json")
+    assert registered.returncode == 0, registered.stderr
+    assert json.loads(registered.stdout)["created"] == 1
+    release, image = _release(kms_server, secure_version=5, seed=15)
+    out = tmp_path / "payload.bin"
+    fetched = kms_server.kmsctl("payload", "get", "--device", device_id, "--release", release, "-o", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    manifest_key = tmp_path / "manifest.der"
+    manifest_key.write_bytes(_manifest_key_der(kms_server))
+    plain = tmp_path / "image.bin"
+    decoded = subprocess.run(
+        [
+            str(build / "fksp_tool"),
+            "--secret-hex",
+            key_file.read_bytes().hex(),
+            "--device-id",
+            device_id,
+            "--chip-id",
+            str(CHIP_ID),
+            "--floor",
+            "4",
+            "--manifest-key",
+            str(manifest_key),
+            "--in",
+            str(out),
+            "--out",
+            str(plain),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (decoded.returncode, decoded.stdout.strip()) == (0, "ok"), decoded.stderr
+    assert plain.read_bytes() == image
+    downgrade = subprocess.run(
+        [
+            str(build / "fksp_tool"),
+            "--secret-hex",
+            key_file.read_bytes().hex(),
+            "--device-id",
+            device_id,
+            "--chip-id",
+            str(CHIP_ID),
+            "--floor",
+            "6",
+            "--manifest-key",
+            str(manifest_key),
+            "--in",
+            str(out),
+            "--out",
+            str(tmp_path / "no.bin"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert downgrade.stdout.strip() == "downgrade"

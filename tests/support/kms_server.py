@@ -80,12 +80,12 @@ class RunningKms:
         )
 
     def kmsctl(
-        self, *args: str, role: str = "build-server", timeout: float = 120
+        self, *args: str, role: str | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        """Run the CLI as a subprocess against this server."""
+        """Run the CLI as a subprocess against this server (as ``role``, or the command's default role)."""
         env = dict(os.environ, KMS_STATE_DIR=str(self.state_dir), KMSCTL_SERVER=self.target)
         return subprocess.run(
-            [*KMSCTL, *args, "--identity", role],
+            [*KMSCTL, *args, *(["--identity", role] if role else [])],
             capture_output=True,
             text=True,
             timeout=timeout,
