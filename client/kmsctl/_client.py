@@ -63,7 +63,8 @@ from kmsctl.errors import IntegrityError, InvalidArgumentError
 
 #: Bytes of image per upload message. The server accepts at most 256 KiB per chunk; 64-256 KiB messages
 #: move about three times as fast as 16 KiB ones over gRPC in Python.
-UPLOAD_CHUNK_SIZE = 128 * 1024
+UPLOAD_CHUNK_SIZE = 256 * 1024
+SECTOR_SIZE = 4096  # the Secure Boot V2 signature sector
 #: Largest message the client sends: one chunk of the server's maximum plus protobuf framing.
 MAX_SEND_MESSAGE_BYTES = 256 * 1024 + 1024
 #: Largest message the client accepts (download chunks are 128 KiB; a key list may be longer).
@@ -241,8 +242,13 @@ class KmsClient:
         call is retried, and an exception it raises aborts the call and is re-raised.
         """
         source = ImageSource(image)
+        # Only the signature sector comes back: the client rebuilds the signed image from its own upload
+        # and checks it against the release's size and SHA-256 (half the transfer of the whole image).
         header = signing_pb2.SignImageHeader(
-            product=product, image_size=source.size, image_sha256=source.sha256
+            product=product,
+            image_size=source.size,
+            image_sha256=source.sha256,
+            content=signing_pb2.SIGNATURE_SECTOR,
         )
 
         def attempt() -> SignedImage:
@@ -267,7 +273,7 @@ class KmsClient:
         call = self._sign_image(iter(upload), timeout=self._timeout)
         cancellable: _Cancellable = call
         try:
-            return _receive_signed_image(call, source.sha256, sink)
+            return _receive_signed_image(call, source, sink)
         except grpc.RpcError as error:
             if upload.error is not None:
                 raise upload.error from error
@@ -606,9 +612,11 @@ class _Upload:
 
 
 def _receive_signed_image(
-    responses: Iterable[signing_pb2.SignImageResponse], input_sha256: bytes, sink: _Sink
+    responses: Iterable[signing_pb2.SignImageResponse], source: ImageSource, sink: _Sink
 ) -> Release:
-    """Read ``release`` then the signed image into ``sink``, checking order, size and SHA-256."""
+    """Read ``release`` then the signature sector; write the signed image (the uploaded image, 0xFF
+    padding, the sector) into ``sink``, checking order, size and SHA-256 of the whole."""
+    input_sha256 = source.sha256
     release: signing_pb2.Release | None = None
     hasher = hashlib.sha256()
     received = 0
@@ -625,6 +633,19 @@ def _receive_signed_image(
                     f"the server signed an image with SHA-256 {release.input_sha256.hex()}, "
                     f"not the one sent ({input_sha256.hex()})"
                 )
+            padded = source.size + (-source.size % SECTOR_SIZE)
+            if release.output_size != padded + SECTOR_SIZE:
+                raise IntegrityError(
+                    f"the release announces {release.output_size} bytes; a signed image of this upload has "
+                    f"{padded + SECTOR_SIZE}"
+                )
+            for piece in source.chunks(UPLOAD_CHUNK_SIZE):
+                hasher.update(piece)
+                sink.write(piece)
+            padding = b"\xff" * (padded - source.size)
+            hasher.update(padding)
+            sink.write(padding)
+            received = padded
         elif part == "chunk":
             if release is None:
                 raise IntegrityError("the server sent image bytes before the release")

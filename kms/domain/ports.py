@@ -15,6 +15,7 @@ from typing import Protocol
 from kms.domain.devices import Device, Registration
 from kms.domain.errors import KmsError
 from kms.domain.keys import Algorithm, Key, KeyVersion
+from kms.domain.lifecycle import LifecycleChange, ManagedKey, RotationSchedule, Transition
 from kms.domain.releases import Release, SignatureRecord
 
 
@@ -114,6 +115,46 @@ class KeyRepository(Protocol):
         ...
 
     def add_version(self, key_id: str, version: KeyVersion, make_primary: bool) -> None: ...
+
+    # -- lifecycle (kms.domain.lifecycle) ----------------------------------------------------------------
+
+    def get_managed_key(self, key_id: str) -> ManagedKey:
+        """The key with its destruction due times and rotation schedule, in one snapshot. ``NotFound``."""
+        ...
+
+    def apply_change(self, change: LifecycleChange) -> None:
+        """Write a lifecycle change and its transition records in one transaction.
+
+        Refused with ``FailedPrecondition``, writing nothing, unless the key's versions, their states and
+        its primary are still those the change was ``based_on``. ``NotFound`` if the key is gone.
+        """
+        ...
+
+    def record_material_destroyed(self, key_id: str, version: int, at: datetime) -> None:
+        """Note that a DESTROYED version's HSM material is confirmed gone (``FailedPrecondition`` if the
+        version is not DESTROYED)."""
+        ...
+
+    def due_for_destruction(self, now: datetime) -> list[KeyVersion]:
+        """Versions to destroy now: DESTROY_SCHEDULED and due, or DESTROYED with material not yet confirmed
+        gone (an earlier attempt failed half-way). Oldest due first."""
+        ...
+
+    def due_for_rotation(self, now: datetime) -> list[str]:
+        """Ids of the keys whose next scheduled rotation is at or before ``now``, earliest first."""
+        ...
+
+    def set_rotation_schedule(self, key_id: str, schedule: RotationSchedule | None) -> None:
+        """Set (or with None remove) the key's rotation schedule. ``NotFound`` if there is no such key."""
+        ...
+
+    def record_transition(self, transition: Transition) -> None:
+        """Append one transition record (e.g. a key's creation). ``NotFound`` if the version is unknown."""
+        ...
+
+    def list_transitions(self, key_id: str, version: int | None = None) -> list[Transition]:
+        """The key's (or one version's) transition records, oldest first. ``NotFound`` if no such key."""
+        ...
 
 
 class ReleaseRepository(Protocol):

@@ -14,10 +14,12 @@ fault attacks, as Google Cloud KMS recommends to its clients); a failed check is
 from __future__ import annotations
 
 import enum
+import functools
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kms.domain.errors import HsmFailure, InvalidArgument
 from kms.domain.keys import Algorithm, HashAlgorithm
@@ -45,9 +47,15 @@ def encode(algorithm: Algorithm, raw: bytes, encoding: SignatureEncoding) -> byt
     return utils.encode_dss_signature(r, s)
 
 
+@functools.lru_cache(maxsize=256)
+def _public_key(public_key_der: bytes) -> PublicKeyTypes:
+    """Parsed public keys, cached: parsing costs as much as verifying, and keys are few."""
+    return serialization.load_der_public_key(public_key_der)
+
+
 def verify_raw(algorithm: Algorithm, public_key_der: bytes, digest: bytes, raw: bytes) -> bool:
     """True if ``raw`` is a valid signature of the pre-computed ``digest`` under the public key."""
-    key = serialization.load_der_public_key(public_key_der)
+    key = _public_key(public_key_der)
     prehashed = utils.Prehashed(_hash(algorithm))
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import grpc
@@ -21,6 +23,9 @@ from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
 from kms.service.signing import SigningService
 from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as HashObject
 
 MAX_UPLOAD_CHUNK = 256 * 1024
 DOWNLOAD_CHUNK = 128 * 1024
@@ -80,8 +85,15 @@ def release_pb(release: Release, reused: bool) -> signing_pb2.Release:
     )
 
 
-def receive_image(requests: Iterable[signing_pb2.SignImageRequest], max_size: int) -> tuple[str, bytes]:
-    """Read a header then chunks; enforce the size limit before buffering anything."""
+@dataclass(frozen=True)
+class ReceivedImage:
+    header: signing_pb2.SignImageHeader
+    data: bytes
+    sha256: HashObject  # fed exactly ``data``
+
+
+def receive_image(requests: Iterable[signing_pb2.SignImageRequest], max_size: int) -> ReceivedImage:
+    """Read a header then chunks, hashing as they come; enforce the size limit before buffering anything."""
     stream = iter(requests)
     first = next(stream, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -96,6 +108,7 @@ def receive_image(requests: Iterable[signing_pb2.SignImageRequest], max_size: in
     if header.image_sha256 and len(header.image_sha256) != 32:
         raise InvalidArgument("header.image_sha256, when set, must be 32 bytes")
     image = bytearray()
+    hashed = hashlib.sha256()
     for message in stream:
         if message.WhichOneof("part") != "chunk":
             raise InvalidArgument(
@@ -108,14 +121,14 @@ def receive_image(requests: Iterable[signing_pb2.SignImageRequest], max_size: in
         if len(image) + len(message.chunk) > header.image_size:
             raise InvalidArgument(f"the stream carries more than the announced {header.image_size} bytes")
         image += message.chunk
+        hashed.update(message.chunk)
     if len(image) != header.image_size:
         raise InvalidArgument(
             f"the stream ended after {len(image)} of the announced {header.image_size} bytes"
         )
-    data = bytes(image)
-    if header.image_sha256 and hashlib.sha256(data).digest() != header.image_sha256:
+    if header.image_sha256 and hashed.digest() != header.image_sha256:
         raise DataLoss("the image received does not match header.image_sha256; it was corrupted on the way")
-    return header.product, data
+    return ReceivedImage(header, bytes(image), hashed)
 
 
 class SigningServicer(signing_pb2_grpc.SigningServiceServicer):
@@ -127,10 +140,13 @@ class SigningServicer(signing_pb2_grpc.SigningServiceServicer):
         self, request_iterator: Iterable[signing_pb2.SignImageRequest], context: grpc.ServicerContext
     ) -> Iterator[signing_pb2.SignImageResponse]:
         caller = caller_of(context)
-        product, image = receive_image(request_iterator, self._signing.max_image_size)
-        signed = self._signing.sign_image(caller, product, image)
-        data = self._signing.read_release(signed.release)
+        received = receive_image(request_iterator, self._signing.max_image_size)
+        signed = self._signing.sign_image(caller, received.header.product, received.data, received.sha256)
+        data = signed.data if signed.data is not None else self._signing.read_release(signed.release)
         yield signing_pb2.SignImageResponse(release=release_pb(signed.release, signed.reused))
+        if received.header.content == signing_pb2.SIGNATURE_SECTOR:
+            yield signing_pb2.SignImageResponse(chunk=data[-sbv2.SECTOR_SIZE :])
+            return
         view = memoryview(data)
         for offset in range(0, len(view), DOWNLOAD_CHUNK):
             yield signing_pb2.SignImageResponse(chunk=bytes(view[offset : offset + DOWNLOAD_CHUNK]))

@@ -17,9 +17,11 @@ Sign an image, step by step (each step may refuse, and nothing is written before
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from kms.domain import chips, esp_image, sbv2, signatures
 from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, NotFound
@@ -37,6 +39,9 @@ from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
 from kms.domain.releases import Release, SignatureRecord, check_floor
 from kms.domain.signatures import SignatureEncoding
 
+if TYPE_CHECKING:
+    from hashlib import _Hash as HashObject
+
 DIGEST_PURPOSES = frozenset({KeyPurpose.SECURE_BOOT_V2, KeyPurpose.DIGEST_SIGNING})
 """Purposes whose keys sign caller-supplied digests. OTA manifest keys sign only manifests the service
 builds itself, or a build server could forge a payload manifest for any device."""
@@ -48,8 +53,11 @@ def _utcnow() -> datetime:
 
 @dataclass(frozen=True)
 class SignedImage:
+    """A release; ``data`` holds the signed image when it was just made (else read it from the store)."""
+
     release: Release
     reused: bool
+    data: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,28 @@ def _enabled(key: Key, number: int | None = None) -> KeyVersion:
     return version
 
 
+class KeyCache:
+    """Keys by id for ``ttl`` seconds, so the signing hot path does not read SQLite on every call.
+
+    A change made by another process (a new version, a state change) is seen after at most ``ttl``
+    seconds (1 s by default), as with the eventual consistency of Cloud KMS key state changes.
+    """
+
+    def __init__(self, keys: KeyRepository, ttl: float = 1.0) -> None:
+        self._keys = keys
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, Key]] = {}
+
+    def get(self, key_id: str) -> Key:
+        now = time.monotonic()
+        entry = self._entries.get(key_id)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        key = self._keys.get_key(key_id)
+        self._entries[key_id] = (now + self._ttl, key)
+        return key
+
+
 class SigningService:
     def __init__(
         self,
@@ -84,12 +114,16 @@ class SigningService:
     ) -> None:
         self._hsm = hsm
         self._keys = keys
+        self._key_cache = KeyCache(keys)
         self._releases = releases
         self._log = signature_log
         self.max_image_size = max_image_size
         self._clock = clock
 
-    def sign_image(self, caller: Caller, product: str, image: bytes) -> SignedImage:
+    def sign_image(
+        self, caller: Caller, product: str, image: bytes, image_hash: HashObject | None = None
+    ) -> SignedImage:
+        """Sign ``image``; ``image_hash`` is a SHA-256 object fed exactly ``image`` (saves a pass over it)."""
         validate_product(product)
         app = esp_image.parse_app_image(image, self.max_image_size)
         keys = self._keys.sbv2_keys(product)
@@ -103,7 +137,8 @@ class SigningService:
         chips.check_sbv2_chip_revision(app.chip, app.min_chip_rev_full)
         chips.check_secure_version(app.chip, app.secure_version)
         version_names = tuple(v.name for v in versions)
-        input_sha256 = hashlib.sha256(image).digest()
+        hashed = image_hash.copy() if image_hash is not None else hashlib.sha256(image)
+        input_sha256 = hashed.digest()
 
         existing = self._releases.find(product, input_sha256, version_names)
         if existing is not None:
@@ -112,18 +147,24 @@ class SigningService:
         check_floor(product, app.secure_version, self._releases.secure_version_floor(product))
 
         padded = sbv2.pad_image(image)
+        hashed.update(memoryview(padded)[len(image) :])  # SHA-256 of the padded image, one pass in all
         now = self._clock()
         blocks: list[bytes] = []
         digests: list[bytes] = []
         for version in versions:
-            digest = sbv2.image_digest(padded, version.algorithm)
+            if version.algorithm.hash is HashAlgorithm.SHA256:
+                digest = hashed.digest()
+            else:
+                digest = sbv2.image_digest(padded, version.algorithm)
             raw = self._hsm.sign_digest(version.hsm_id, version.algorithm, digest)
             block = sbv2.signature_block(version.algorithm, version.public_key_der, digest, raw)
             if not sbv2.verify_block(block, digest, version.public_key_der):
                 raise HsmFailure(f"the signature by {version.name} does not verify; nothing was released")
             blocks.append(block)
             digests.append(digest)
-        signed = padded + sbv2.signature_sector(blocks)
+        sector = sbv2.signature_sector(blocks)
+        signed = padded + sector
+        hashed.update(sector)
 
         release = Release(
             product=product,
@@ -132,7 +173,7 @@ class SigningService:
             secure_version=app.secure_version,
             project_name=app.project_name,
             input_sha256=input_sha256,
-            output_sha256=hashlib.sha256(signed).digest(),
+            output_sha256=hashed.digest(),
             output_size=len(signed),
             key_versions=version_names,
             signed_by=caller.identity,
@@ -143,7 +184,9 @@ class SigningService:
             for name, digest in zip(version_names, digests, strict=True)
         ]
         stored = self._releases.record(release, signed, records)
-        return SignedImage(stored, reused=stored.output_sha256 != release.output_sha256)
+        if stored.output_sha256 != release.output_sha256:  # a concurrent identical request won the race
+            return SignedImage(stored, reused=True)
+        return SignedImage(stored, reused=False, data=signed)
 
     def read_release(self, release: Release, offset: int = 0) -> bytes:
         return self._releases.read_image(release.output_sha256, offset)
@@ -157,7 +200,7 @@ class SigningService:
         encoding: SignatureEncoding,
     ) -> DigestSignature:
         key_name = KeyName.parse(name)
-        key = self._keys.get_key(key_name.key_id)
+        key = self._key_cache.get(key_name.key_id)
         if key.purpose not in DIGEST_PURPOSES:
             raise FailedPrecondition(
                 f"key {key.name} is a {key.purpose.value} key; only secure-boot-v2 and digest-signing keys "

@@ -90,9 +90,12 @@ class BlobStore:
             raise StorageFailure("a stored image could not be read") from e
         return memoryview(mapped)
 
-    def put(self, data: bytes) -> bytes:
-        """Store ``data`` durably; return its SHA-256. Idempotent."""
-        digest = hashlib.sha256(data).digest()
+    def put(self, data: bytes, *, sha256: bytes | None = None) -> bytes:
+        """Store ``data`` durably; return its SHA-256. Idempotent.
+
+        ``sha256``, when given, is the caller's already-verified digest of ``data`` (saves a pass over it).
+        """
+        digest = sha256 if sha256 is not None else hashlib.sha256(data).digest()
         final = self._path(digest)
         try:
             if _hash_file(final) == digest:

@@ -8,6 +8,18 @@ Tables::
     key_versions  (key_id, version) PK, key_id REFERENCES keys, algorithm, state, hsm_id BLOB UNIQUE
                   (one HSM key pair backs one version), public_key_der BLOB, created_at.
 
+Lifecycle (migration 4, ``kms.domain.lifecycle``) adds::
+
+    key_versions     + destroy_after (set while destroy-scheduled: when the destruction falls due),
+                     + material_destroyed_at (set once the HSM material of a destroyed version is confirmed
+                       gone; NULL on a destroyed version means "destroy it again": an attempt failed half-way)
+    keys             + rotation_period_seconds, next_rotation_at (both NULL: rotation on demand only)
+    key_transitions  id, (key_id, version) REFERENCES key_versions, event, from_state (NULL for "created"),
+                     to_state, actor, at, destroy_after: every lifecycle event, append-only
+
+A lifecycle change (``apply_change``) is one transaction that first compares every version's state and the
+primary with those the change was computed from, so concurrent changes of one key cannot interleave.
+
 Enums are stored by their ``value`` (``Algorithm.value`` etc.), timestamps as ISO-8601 UTC text with
 microseconds. Every write is one transaction that checks its constraints first (inside ``BEGIN
 IMMEDIATE``, so the check cannot race another writer) and raises ``AlreadyExists``/``NotFound`` with a
@@ -18,9 +30,17 @@ CLI creating a key) are seen at once.
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime, timedelta
 
-from kms.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from kms.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from kms.domain.keys import Algorithm, Key, KeyName, KeyPurpose, KeyVersion, KeyVersionState
+from kms.domain.lifecycle import (
+    LifecycleChange,
+    LifecycleEvent,
+    ManagedKey,
+    RotationSchedule,
+    Transition,
+)
 from kms.store.database import Database, Row, Session, timestamp_text
 
 # One query for every read; NULL parameters mean "any".
@@ -166,3 +186,182 @@ class SqliteKeyRepository:
                 session.execute(
                     "UPDATE keys SET primary_version = ? WHERE key_id = ?", [version.version, key_id]
                 )
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def get_managed_key(self, key_id: str) -> ManagedKey:
+        with self._db.snapshot() as session:
+            keys = _load(session, key_id=key_id)
+            if not keys:
+                raise NotFound(f"key {KeyName(key_id)} does not exist")
+            due = session.rows(
+                "SELECT version, destroy_after FROM key_versions WHERE key_id = ? AND state = ?",
+                [key_id, KeyVersionState.DESTROY_SCHEDULED.value],
+            )
+            rotation = session.row(
+                "SELECT rotation_period_seconds, next_rotation_at FROM keys WHERE key_id = ?", [key_id]
+            )
+        assert rotation is not None
+        return ManagedKey(
+            keys[0],
+            {row.integer("version"): row.timestamp("destroy_after") for row in due},
+            _rotation_from_row(rotation),
+        )
+
+    def apply_change(self, change: LifecycleChange) -> None:
+        with self._db.transaction() as session:
+            _check_based_on(session, change)
+            if change.new_version is not None:
+                if change.new_version.key_id != change.key_id:
+                    raise InvalidArgument(
+                        f"{change.new_version.name} does not belong to {KeyName(change.key_id)}"
+                    )
+                _insert_version(session, change.new_version)
+            for update in change.updates:
+                session.execute(
+                    "UPDATE key_versions SET state = ?, destroy_after = ? WHERE key_id = ? AND version = ?",
+                    [
+                        update.state.value,
+                        _optional_timestamp(update.destroy_after),
+                        change.key_id,
+                        update.version,
+                    ],
+                )
+            session.execute(
+                "UPDATE keys SET primary_version = ? WHERE key_id = ?", [change.primary, change.key_id]
+            )
+            if change.next_rotation_at is not None:
+                session.execute(
+                    "UPDATE keys SET next_rotation_at = ? WHERE key_id = ? AND rotation_period_seconds IS NOT NULL",
+                    [timestamp_text(change.next_rotation_at), change.key_id],
+                )
+            for record in change.transitions:
+                _insert_transition(session, record)
+
+    def record_material_destroyed(self, key_id: str, version: int, at: datetime) -> None:
+        name = KeyName(key_id, version)
+        with self._db.transaction() as session:
+            row = session.row(
+                "SELECT state FROM key_versions WHERE key_id = ? AND version = ?", [key_id, version]
+            )
+            if row is None:
+                raise NotFound(f"key version {name} does not exist")
+            if row.enum("state", KeyVersionState) is not KeyVersionState.DESTROYED:
+                raise FailedPrecondition(f"key version {name} is not destroyed")
+            session.execute(
+                "UPDATE key_versions SET material_destroyed_at = coalesce(material_destroyed_at, ?) "
+                "WHERE key_id = ? AND version = ?",
+                [timestamp_text(at), key_id, version],
+            )
+
+    def due_for_destruction(self, now: datetime) -> list[KeyVersion]:
+        with self._db.snapshot() as session:
+            rows = session.rows(_DUE_FOR_DESTRUCTION, {"now": timestamp_text(now)})
+        return [_version_from_row(row) for row in rows]
+
+    def due_for_rotation(self, now: datetime) -> list[str]:
+        with self._db.snapshot() as session:
+            rows = session.rows(
+                "SELECT key_id FROM keys WHERE next_rotation_at <= ? ORDER BY next_rotation_at, key_id",
+                [timestamp_text(now)],
+            )
+        return [row.text("key_id") for row in rows]
+
+    def set_rotation_schedule(self, key_id: str, schedule: RotationSchedule | None) -> None:
+        seconds = None if schedule is None else int(schedule.period.total_seconds())
+        next_at = None if schedule is None else timestamp_text(schedule.next_rotation_at)
+        with self._db.transaction() as session:
+            changed = session.execute(
+                "UPDATE keys SET rotation_period_seconds = ?, next_rotation_at = ? WHERE key_id = ?",
+                [seconds, next_at, key_id],
+            )
+            if not changed:
+                raise NotFound(f"key {KeyName(key_id)} does not exist")
+
+    def record_transition(self, transition: Transition) -> None:
+        with self._db.transaction() as session:
+            _insert_transition(session, transition)
+
+    def list_transitions(self, key_id: str, version: int | None = None) -> list[Transition]:
+        with self._db.snapshot() as session:
+            if session.row("SELECT 1 FROM keys WHERE key_id = ?", [key_id]) is None:
+                raise NotFound(f"key {KeyName(key_id)} does not exist")
+            rows = session.rows(
+                "SELECT * FROM key_transitions WHERE key_id = :key_id "
+                "AND (:version IS NULL OR version = :version) ORDER BY id",
+                {"key_id": key_id, "version": version},
+            )
+        return [_transition_from_row(row) for row in rows]
+
+
+_DUE_FOR_DESTRUCTION = """
+SELECT * FROM key_versions
+WHERE (state = 'destroy-scheduled' AND destroy_after <= :now)
+   OR (state = 'destroyed' AND material_destroyed_at IS NULL)
+ORDER BY destroy_after, key_id, version
+"""
+
+
+def _optional_timestamp(moment: datetime | None) -> str | None:
+    return None if moment is None else timestamp_text(moment)
+
+
+def _rotation_from_row(row: Row) -> RotationSchedule | None:
+    seconds = row.optional_integer("rotation_period_seconds")
+    if seconds is None:
+        return None
+    return RotationSchedule(timedelta(seconds=seconds), row.timestamp("next_rotation_at"))
+
+
+def _check_based_on(session: Session, change: LifecycleChange) -> None:
+    name = KeyName(change.key_id)
+    row = session.row("SELECT primary_version FROM keys WHERE key_id = ?", [change.key_id])
+    if row is None:
+        raise NotFound(f"key {name} does not exist")
+    stored = {
+        r.integer("version"): r.enum("state", KeyVersionState)
+        for r in session.rows("SELECT version, state FROM key_versions WHERE key_id = ?", [change.key_id])
+    }
+    if row.integer("primary_version") != change.based_on_primary or stored != dict(change.based_on):
+        raise FailedPrecondition(
+            f"key {name} was changed by another request meanwhile; read it again and retry"
+        )
+
+
+def _insert_transition(session: Session, record: Transition) -> None:
+    if (
+        session.row(
+            "SELECT 1 FROM key_versions WHERE key_id = ? AND version = ?", [record.key_id, record.version]
+        )
+        is None
+    ):
+        raise NotFound(f"key version {record.name} does not exist")
+    session.execute(
+        "INSERT INTO key_transitions (key_id, version, event, from_state, to_state, actor, at, destroy_after) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            record.key_id,
+            record.version,
+            record.event.value,
+            None if record.from_state is None else record.from_state.value,
+            record.to_state.value,
+            record.actor,
+            timestamp_text(record.at),
+            _optional_timestamp(record.destroy_after),
+        ],
+    )
+
+
+def _transition_from_row(row: Row) -> Transition:
+    from_state = row.optional_text("from_state")
+    destroy_after = row.optional_text("destroy_after")
+    return Transition(
+        key_id=row.text("key_id"),
+        version=row.integer("version"),
+        event=row.enum("event", LifecycleEvent),
+        from_state=None if from_state is None else row.enum("from_state", KeyVersionState),
+        to_state=row.enum("to_state", KeyVersionState),
+        actor=row.text("actor"),
+        at=row.timestamp("at"),
+        destroy_after=None if destroy_after is None else row.timestamp("destroy_after"),
+    )

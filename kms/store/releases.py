@@ -120,7 +120,7 @@ class SqliteReleaseRepository:
         existing = self.find(release.product, release.input_sha256, release.key_versions)
         if existing is not None:
             return existing
-        self._blobs.put(signed_image)
+        self._blobs.put(signed_image, sha256=release.output_sha256)  # verified just above
         with self._db.transaction() as session:
             existing = _find(session, release.product, release.input_sha256, release.key_versions)
             if existing is not None:

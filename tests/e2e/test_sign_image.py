@@ -6,8 +6,10 @@ import hashlib
 import struct
 from pathlib import Path
 
+import grpc
 import pytest
 
+from kmsapi.v1 import signing_pb2, signing_pb2_grpc
 from kmsctl import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -196,3 +198,22 @@ def test_image_over_the_limit_is_refused_before_upload(kms_server: RunningKms) -
     image = build_app_image("esp32c6", 16 * 1024 * 1024 + 4096)
     with kms_server.client() as kms, pytest.raises(ResourceExhaustedError, match="limit"):
         kms.sign_image("p256-1", image)
+
+
+def test_full_image_and_sector_only_responses_agree(kms_server: RunningKms) -> None:
+    """SIGNED_IMAGE streams the whole signed image; SIGNATURE_SECTOR (kmsctl's default) only the sector."""
+    image = build_app_image("esp32c6", 300_000, secure_version=12, seed=404)
+    with kms_server.client() as kms:
+        rebuilt = image_bytes(kms.sign_image("p256-1", image))
+    files = kms_server.credentials()
+    creds = grpc.ssl_channel_credentials(*(files[k].read_bytes() for k in ("ca", "key", "cert")))
+    with grpc.secure_channel(kms_server.target, creds) as channel:
+        stub = signing_pb2_grpc.SigningServiceStub(channel)
+        header = signing_pb2.SignImageHeader(product="p256-1", image_size=len(image))
+        requests = [signing_pb2.SignImageRequest(header=header)] + [
+            signing_pb2.SignImageRequest(chunk=image[i : i + 65536]) for i in range(0, len(image), 65536)
+        ]
+        responses = list(stub.SignImage(iter(requests), timeout=60))
+    assert responses[0].release.reused
+    full = b"".join(r.chunk for r in responses[1:])
+    assert full == rebuilt and len(responses) > 2

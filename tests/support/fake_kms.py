@@ -361,18 +361,24 @@ class FakeKms(
         )
         release.create_time.FromDatetime(datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC))
         self.signed.add(output_sha256)
-        yield from self._tampered_download(release, output, context)
+        yield from self._tampered_download(release, output, context, sector_only=bool(header.content))
 
     def _tampered_download(
-        self, release: signing_pb2.Release, output: bytes, context: grpc.ServicerContext
+        self,
+        release: signing_pb2.Release,
+        output: bytes,
+        context: grpc.ServicerContext,
+        *,
+        sector_only: bool = False,
     ) -> Iterator[signing_pb2.SignImageResponse]:
         tamper = self.tamper
         if tamper == "output-sha256":
             release.output_sha256 = hashlib.sha256(b"other").digest()
         elif tamper == "input-sha256":
             release.input_sha256 = hashlib.sha256(b"other").digest()
-        elif tamper == "flip-byte":
-            output = output[:10] + bytes([output[10] ^ 1]) + output[11:]
+        elif tamper == "flip-byte":  # in the signature sector, which every content mode sends
+            at = len(output) - 10
+            output = output[:at] + bytes([output[at] ^ 1]) + output[at + 1 :]
         elif tamper == "truncate":
             output = output[:-1]
         elif tamper == "extra-byte":
@@ -382,6 +388,8 @@ class FakeKms(
         if tamper == "no-release":
             return
         yield signing_pb2.SignImageResponse(release=release)
+        if sector_only:  # SIGNATURE_SECTOR: the (possibly tampered) bytes from where the sector starts
+            output = output[release.output_size - 4096 :]
         for offset in range(0, len(output), DOWNLOAD_CHUNK):
             yield signing_pb2.SignImageResponse(chunk=output[offset : offset + DOWNLOAD_CHUNK])
             with self._lock:

@@ -65,7 +65,7 @@ def leftovers(directory: Path) -> list[str]:
 # -- sign_image ------------------------------------------------------------------------------------------
 
 
-def test_sign_image_streams_header_then_128k_chunks_and_returns_the_checked_image(
+def test_sign_image_streams_header_then_256k_chunks_and_returns_the_checked_image(
     client: KmsClient, fake: FakeKms
 ) -> None:
     result = client.sign_image("thermostat", IMAGE)

@@ -166,7 +166,7 @@ def test_sign_writes_the_signed_image_and_prints_a_summary(kmsctl: Kmsctl, fake:
         assert expected in result.stdout
     assert result.stderr == "", "no progress bar when stderr is not a terminal"
     assert fake.identities == ["build-server"], "the dev PKI client certificate was used"
-    assert fake.chunk_sizes == [131072, 131072, 121856]
+    assert fake.chunk_sizes == [262144, 121856]
 
 
 def test_sign_json_prints_the_release_fields(kmsctl: Kmsctl, work: Path) -> None:

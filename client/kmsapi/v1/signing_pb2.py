@@ -26,25 +26,27 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kmsapi.v1 import common_pb2 as kmsapi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kmsapi/v1/signing.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kmsapi/v1/common.proto\"Y\n\x10SignImageRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kmsapi.v1.SignImageHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"L\n\x0fSignImageHeader\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x12\n\nimage_size\x18\x02 \x01(\x04\x12\x14\n\x0cimage_sha256\x18\x03 \x01(\x0c\"S\n\x11SignImageResponse\x12%\n\x07release\x18\x01 \x01(\x0b\x32\x12.kmsapi.v1.ReleaseH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa1\x02\n\x07Release\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0esecure_version\x18\x05 \x01(\r\x12\x14\n\x0cproject_name\x18\x06 \x01(\t\x12\x14\n\x0cinput_sha256\x18\x07 \x01(\x0c\x12\x15\n\routput_sha256\x18\x08 \x01(\x0c\x12\x13\n\x0boutput_size\x18\t \x01(\x04\x12\x14\n\x0ckey_versions\x18\n \x03(\t\x12\x11\n\tsigned_by\x18\x0b \x01(\t\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reused\x18\r \x01(\x08\"\xa2\x01\n\x11SignDigestRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06\x64igest\x18\x02 \x01(\x0b\x32\x11.kmsapi.v1.Digest\x12.\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1c.kmsapi.v1.SignatureEncoding\x12\x1a\n\rdigest_crc32c\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_digest_crc32c\"\xd8\x01\n\x12SignDigestResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x18\n\x10signature_crc32c\x18\x02 \x01(\r\x12\x1e\n\x16verified_digest_crc32c\x18\x03 \x01(\x08\x12\x13\n\x0bkey_version\x18\x04 \x01(\t\x12\x30\n\talgorithm\x18\x05 \x01(\x0e\x32\x1d.kmsapi.v1.SignatureAlgorithm\x12.\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x1c.kmsapi.v1.SignatureEncoding2\xa7\x01\n\x0eSigningService\x12J\n\tSignImage\x12\x1b.kmsapi.v1.SignImageRequest\x1a\x1c.kmsapi.v1.SignImageResponse(\x01\x30\x01\x12I\n\nSignDigest\x12\x1c.kmsapi.v1.SignDigestRequest\x1a\x1d.kmsapi.v1.SignDigestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kmsapi/v1/signing.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kmsapi/v1/common.proto\"Y\n\x10SignImageRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kmsapi.v1.SignImageHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"|\n\x0fSignImageHeader\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x12\n\nimage_size\x18\x02 \x01(\x04\x12\x14\n\x0cimage_sha256\x18\x03 \x01(\x0c\x12.\n\x07\x63ontent\x18\x04 \x01(\x0e\x32\x1d.kmsapi.v1.SignedImageContent\"S\n\x11SignImageResponse\x12%\n\x07release\x18\x01 \x01(\x0b\x32\x12.kmsapi.v1.ReleaseH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa1\x02\n\x07Release\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0esecure_version\x18\x05 \x01(\r\x12\x14\n\x0cproject_name\x18\x06 \x01(\t\x12\x14\n\x0cinput_sha256\x18\x07 \x01(\x0c\x12\x15\n\routput_sha256\x18\x08 \x01(\x0c\x12\x13\n\x0boutput_size\x18\t \x01(\x04\x12\x14\n\x0ckey_versions\x18\n \x03(\t\x12\x11\n\tsigned_by\x18\x0b \x01(\t\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reused\x18\r \x01(\x08\"\xa2\x01\n\x11SignDigestRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06\x64igest\x18\x02 \x01(\x0b\x32\x11.kmsapi.v1.Digest\x12.\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1c.kmsapi.v1.SignatureEncoding\x12\x1a\n\rdigest_crc32c\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_digest_crc32c\"\xd8\x01\n\x12SignDigestResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x18\n\x10signature_crc32c\x18\x02 \x01(\r\x12\x1e\n\x16verified_digest_crc32c\x18\x03 \x01(\x08\x12\x13\n\x0bkey_version\x18\x04 \x01(\t\x12\x30\n\talgorithm\x18\x05 \x01(\x0e\x32\x1d.kmsapi.v1.SignatureAlgorithm\x12.\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x1c.kmsapi.v1.SignatureEncoding*<\n\x12SignedImageContent\x12\x10\n\x0cSIGNED_IMAGE\x10\x00\x12\x14\n\x10SIGNATURE_SECTOR\x10\x01\x32\xa7\x01\n\x0eSigningService\x12J\n\tSignImage\x12\x1b.kmsapi.v1.SignImageRequest\x1a\x1c.kmsapi.v1.SignImageResponse(\x01\x30\x01\x12I\n\nSignDigest\x12\x1c.kmsapi.v1.SignDigestRequest\x1a\x1d.kmsapi.v1.SignDigestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kmsapi.v1.signing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SIGNEDIMAGECONTENT']._serialized_start=1073
+  _globals['_SIGNEDIMAGECONTENT']._serialized_end=1133
   _globals['_SIGNIMAGEREQUEST']._serialized_start=95
   _globals['_SIGNIMAGEREQUEST']._serialized_end=184
   _globals['_SIGNIMAGEHEADER']._serialized_start=186
-  _globals['_SIGNIMAGEHEADER']._serialized_end=262
-  _globals['_SIGNIMAGERESPONSE']._serialized_start=264
-  _globals['_SIGNIMAGERESPONSE']._serialized_end=347
-  _globals['_RELEASE']._serialized_start=350
-  _globals['_RELEASE']._serialized_end=639
-  _globals['_SIGNDIGESTREQUEST']._serialized_start=642
-  _globals['_SIGNDIGESTREQUEST']._serialized_end=804
-  _globals['_SIGNDIGESTRESPONSE']._serialized_start=807
-  _globals['_SIGNDIGESTRESPONSE']._serialized_end=1023
-  _globals['_SIGNINGSERVICE']._serialized_start=1026
-  _globals['_SIGNINGSERVICE']._serialized_end=1193
+  _globals['_SIGNIMAGEHEADER']._serialized_end=310
+  _globals['_SIGNIMAGERESPONSE']._serialized_start=312
+  _globals['_SIGNIMAGERESPONSE']._serialized_end=395
+  _globals['_RELEASE']._serialized_start=398
+  _globals['_RELEASE']._serialized_end=687
+  _globals['_SIGNDIGESTREQUEST']._serialized_start=690
+  _globals['_SIGNDIGESTREQUEST']._serialized_end=852
+  _globals['_SIGNDIGESTRESPONSE']._serialized_start=855
+  _globals['_SIGNDIGESTRESPONSE']._serialized_end=1071
+  _globals['_SIGNINGSERVICE']._serialized_start=1136
+  _globals['_SIGNINGSERVICE']._serialized_end=1303
 # @@protoc_insertion_point(module_scope)

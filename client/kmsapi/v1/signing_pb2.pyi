@@ -18,6 +18,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from kmsapi.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -29,6 +30,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SignedImageContent:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SignedImageContentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SignedImageContent.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SIGNED_IMAGE: _SignedImageContent.ValueType  # 0
+    """The whole signed image: the uploaded image, 0xFF padding to a multiple of 4096, the signature sector."""
+    SIGNATURE_SECTOR: _SignedImageContent.ValueType  # 1
+    """Only the 4096-byte signature sector (one chunk). The client rebuilds the signed image as its own upload
+    padded with 0xFF to a multiple of 4096 followed by the sector, and must check the result against
+    release.output_size and release.output_sha256. Halves the transfer; kmsctl uses it by default.
+    """
+
+class SignedImageContent(_SignedImageContent, metaclass=_SignedImageContentEnumTypeWrapper): ...
+
+SIGNED_IMAGE: SignedImageContent.ValueType  # 0
+"""The whole signed image: the uploaded image, 0xFF padding to a multiple of 4096, the signature sector."""
+SIGNATURE_SECTOR: SignedImageContent.ValueType  # 1
+"""Only the 4096-byte signature sector (one chunk). The client rebuilds the signed image as its own upload
+padded with 0xFF to a multiple of 4096 followed by the sector, and must check the result against
+release.output_size and release.output_sha256. Halves the transfer; kmsctl uses it by default.
+"""
+Global___SignedImageContent: _TypeAlias = SignedImageContent  # noqa: Y015
 
 @_typing.final
 class SignImageRequest(_message.Message):
@@ -62,6 +88,7 @@ class SignImageHeader(_message.Message):
     PRODUCT_FIELD_NUMBER: _builtins.int
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
     IMAGE_SHA256_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
     product: _builtins.str
     """Product whose Secure Boot V2 keys sign the image, e.g. "thermostat"."""
     image_size: _builtins.int
@@ -72,16 +99,19 @@ class SignImageHeader(_message.Message):
     """Optional SHA-256 of the image as the client computed it; when set, the server checks it against the
     bytes received and refuses a mismatch with DATA_LOSS.
     """
+    content: Global___SignedImageContent.ValueType
+    """What the response stream carries after `release`."""
     def __init__(
         self,
         *,
         product: _builtins.str = ...,
         image_size: _builtins.int = ...,
         image_sha256: _builtins.bytes = ...,
+        content: Global___SignedImageContent.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_sha256", b"image_sha256", "image_size", b"image_size", "product", b"product"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_sha256", b"image_sha256", "image_size", b"image_size", "product", b"product"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
