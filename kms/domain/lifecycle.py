@@ -441,13 +441,14 @@ def rotate(
     )
 
 
-def creation_transitions(key: Key, actor: str) -> tuple[Transition, ...]:
-    """The records of a key's creation: each initial version CREATED, and the primary MADE_PRIMARY."""
+def creation(key: Key, actor: str) -> LifecycleChange:
+    """The records of a key's creation, as a change writing nothing else: each version CREATED (at its
+    creation time), then the primary MADE_PRIMARY."""
+    primary = key.version()
     records = [
         Transition(key.key_id, v.version, LifecycleEvent.CREATED, None, v.state, actor, v.created_at)
         for v in key.versions
     ]
-    primary = key.version()
     records.append(
         Transition(
             key.key_id,
@@ -459,7 +460,7 @@ def creation_transitions(key: Key, actor: str) -> tuple[Transition, ...]:
             primary.created_at,
         )
     )
-    return tuple(records)
+    return replace(_unchanged(key), transitions=tuple(records))
 
 
 def rotation_schedule(

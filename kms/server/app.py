@@ -114,6 +114,7 @@ class KmsServer:
             components.releases,
             components.signature_log,
             max_image_size=limits.max_image_bytes,
+            cpu_slots=limits.cpu_slots,
         )
         self.health = HsmHealth(components.hsm.is_available, SERVICE_NAMES, limits.health_probe_seconds)
         self.server = grpc.server(

@@ -11,6 +11,7 @@ documented here and in the README's configuration reference::
     max_image_bytes = 16777216     # largest app image accepted for signing (16 MiB)
     shutdown_grace_seconds = 30    # on SIGTERM, in-flight calls get this long to finish
     health_probe_seconds = 5       # how often the HSM is probed for the health service
+    cpu_slots = 2                  # unary signing calls running at once (about the number of cores)
 
     [tls]                          # mutual TLS is mandatory
     cert = "pki/server.pem"
@@ -44,6 +45,7 @@ class ServerLimits:
     max_image_bytes: int = 16 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     health_probe_seconds: float = 5.0
+    cpu_slots: int = 2
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def load_config(path: Path) -> Config:
             for field in ServerLimits.__dataclass_fields__
         }
     )
-    for field in ("workers", "max_concurrent_rpcs", "max_message_bytes", "max_image_bytes"):
+    for field in ("workers", "max_concurrent_rpcs", "max_message_bytes", "max_image_bytes", "cpu_slots"):
         if getattr(limits, field) < 1:
             raise InvalidArgument(f"configuration: [server] {field} must be positive")
 

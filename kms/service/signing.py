@@ -17,6 +17,7 @@ Sign an image, step by step (each step may refuse, and nothing is written before
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ class SigningService:
         signature_log: SignatureLog,
         *,
         max_image_size: int,
+        cpu_slots: int = 2,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._hsm = hsm
@@ -118,6 +120,10 @@ class SigningService:
         self._releases = releases
         self._log = signature_log
         self.max_image_size = max_image_size
+        # Digest signing is CPU work under the GIL (HSM call, verification): letting every RPC thread run it
+        # at once only adds contention. The durable key-use record is written outside this section, so
+        # waiting for its commit does not hold a slot and records still batch.
+        self._cpu_slots = threading.BoundedSemaphore(cpu_slots)
         self._clock = clock
 
     def sign_image(
@@ -217,8 +223,9 @@ class SigningService:
             raise InvalidArgument(
                 f"DER encoding exists for ECDSA signatures only; {version.name} is {algorithm.value}"
             )
-        raw = self._hsm.sign_digest(version.hsm_id, algorithm, digest)
-        signatures.check_signature(algorithm, version.public_key_der, digest, raw)
+        with self._cpu_slots:
+            raw = self._hsm.sign_digest(version.hsm_id, algorithm, digest)
+            signatures.check_signature(algorithm, version.public_key_der, digest, raw)
         self._log.append(
             SignatureRecord(caller.identity, "sign-digest", version.name, digest, digest.hex(), self._clock())
         )

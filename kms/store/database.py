@@ -274,9 +274,67 @@ CREATE TABLE payload_signatures (
 ) STRICT, WITHOUT ROWID;
 """
 
+_LIFECYCLE_SCHEMA = """
+-- Key version lifecycle (kms.domain.lifecycle, kms.store.keys).
+ALTER TABLE key_versions ADD COLUMN destroy_after TEXT;          -- due time while destroy-scheduled
+ALTER TABLE key_versions ADD COLUMN material_destroyed_at TEXT;  -- HSM material confirmed gone (destroyed)
+ALTER TABLE keys ADD COLUMN rotation_period_seconds INTEGER
+    CHECK (rotation_period_seconds IS NULL OR rotation_period_seconds > 0);
+ALTER TABLE keys ADD COLUMN next_rotation_at TEXT;               -- NULL: rotated on demand only
+CREATE INDEX key_versions_by_destroy_after ON key_versions (destroy_after) WHERE destroy_after IS NOT NULL;
+CREATE INDEX keys_by_next_rotation ON keys (next_rotation_at) WHERE next_rotation_at IS NOT NULL;
+
+CREATE TABLE key_transitions (
+    id            INTEGER PRIMARY KEY,
+    key_id        TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    event         TEXT NOT NULL,
+    from_state    TEXT,  -- NULL when the version was created
+    to_state      TEXT NOT NULL,
+    actor         TEXT NOT NULL,
+    at            TEXT NOT NULL,
+    destroy_after TEXT,  -- set for "destroy-scheduled"
+    FOREIGN KEY (key_id, version) REFERENCES key_versions (key_id, version)
+) STRICT;
+CREATE INDEX key_transitions_by_version ON key_transitions (key_id, version, id);
+"""
+
+_AUDIT_SCHEMA = """
+-- The audit log (kms.domain.audit documents the record hash and the checkpoint note; kms.store.audit writes).
+-- Verification reads records in id order (insertion order); seq is the record's own number, inside its
+-- hash, so a moved row shows as out of order and a renumbered one as edited. Text columns hold exactly the
+-- strings that were hashed; time is YYYY-MM-DDTHH:MM:SS.ffffffZ.
+CREATE TABLE audit_records (
+    id          INTEGER PRIMARY KEY,
+    seq         INTEGER NOT NULL UNIQUE CHECK (seq >= 1),
+    time        TEXT NOT NULL,
+    caller      TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    operation   TEXT NOT NULL,
+    product     TEXT NOT NULL,
+    resource    TEXT NOT NULL,
+    key_version TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    prev_hash   BLOB NOT NULL CHECK (length(prev_hash) = 32),
+    hash        BLOB NOT NULL CHECK (length(hash) = 32)
+) STRICT;
+
+-- Signed checkpoints: records 1..count end with head_hash; signature by the audit key version named.
+CREATE TABLE audit_checkpoints (
+    count       INTEGER PRIMARY KEY CHECK (count >= 1),
+    head_hash   BLOB NOT NULL CHECK (length(head_hash) = 32),
+    time        TEXT NOT NULL,
+    key_version TEXT NOT NULL,
+    signature   BLOB NOT NULL
+) STRICT;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, key versions, releases, product floors, signatures", _INITIAL_SCHEMA),
     Migration(2, "device registry and payload manifest signatures", _DEVICES_SCHEMA),
+    Migration(3, "key lifecycle: transitions, destroy schedule, rotation period", _LIFECYCLE_SCHEMA),
+    Migration(4, "audit log and checkpoints", _AUDIT_SCHEMA),
 )
 
 _MIGRATIONS_TABLE = """

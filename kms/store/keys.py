@@ -8,7 +8,7 @@ Tables::
     key_versions  (key_id, version) PK, key_id REFERENCES keys, algorithm, state, hsm_id BLOB UNIQUE
                   (one HSM key pair backs one version), public_key_der BLOB, created_at.
 
-Lifecycle (migration 4, ``kms.domain.lifecycle``) adds::
+Lifecycle (migration 3, "key lifecycle", for ``kms.domain.lifecycle``) adds::
 
     key_versions     + destroy_after (set while destroy-scheduled: when the destruction falls due),
                      + material_destroyed_at (set once the HSM material of a destroyed version is confirmed
@@ -232,7 +232,8 @@ class SqliteKeyRepository:
             )
             if change.next_rotation_at is not None:
                 session.execute(
-                    "UPDATE keys SET next_rotation_at = ? WHERE key_id = ? AND rotation_period_seconds IS NOT NULL",
+                    "UPDATE keys SET next_rotation_at = ? "
+                    "WHERE key_id = ? AND rotation_period_seconds IS NOT NULL",
                     [timestamp_text(change.next_rotation_at), change.key_id],
                 )
             for record in change.transitions:
@@ -286,14 +287,17 @@ class SqliteKeyRepository:
         with self._db.snapshot() as session:
             if session.row("SELECT 1 FROM keys WHERE key_id = ?", [key_id]) is None:
                 raise NotFound(f"key {KeyName(key_id)} does not exist")
-            rows = session.rows(
-                "SELECT * FROM key_transitions WHERE key_id = :key_id "
-                "AND (:version IS NULL OR version = :version) ORDER BY id",
-                {"key_id": key_id, "version": version},
-            )
+            rows = session.rows(_TRANSITIONS, {"key_id": key_id, "version": version})
         return [_transition_from_row(row) for row in rows]
 
 
+_TRANSITIONS = """
+SELECT key_id, version, event, coalesce(from_state, '') AS from_state, to_state, actor, at,
+       coalesce(destroy_after, '') AS destroy_after
+FROM key_transitions
+WHERE key_id = :key_id AND (:version IS NULL OR version = :version)
+ORDER BY id
+"""
 _DUE_FOR_DESTRUCTION = """
 SELECT * FROM key_versions
 WHERE (state = 'destroy-scheduled' AND destroy_after <= :now)
@@ -337,7 +341,8 @@ def _insert_transition(session: Session, record: Transition) -> None:
     ):
         raise NotFound(f"key version {record.name} does not exist")
     session.execute(
-        "INSERT INTO key_transitions (key_id, version, event, from_state, to_state, actor, at, destroy_after) "
+        "INSERT INTO key_transitions "
+        "(key_id, version, event, from_state, to_state, actor, at, destroy_after) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             record.key_id,
@@ -353,15 +358,14 @@ def _insert_transition(session: Session, record: Transition) -> None:
 
 
 def _transition_from_row(row: Row) -> Transition:
-    from_state = row.optional_text("from_state")
-    destroy_after = row.optional_text("destroy_after")
+    """A row of ``_TRANSITIONS`` (NULL ``from_state`` and ``destroy_after`` read as empty text)."""
     return Transition(
         key_id=row.text("key_id"),
         version=row.integer("version"),
         event=row.enum("event", LifecycleEvent),
-        from_state=None if from_state is None else row.enum("from_state", KeyVersionState),
+        from_state=row.enum("from_state", KeyVersionState) if row.text("from_state") else None,
         to_state=row.enum("to_state", KeyVersionState),
         actor=row.text("actor"),
         at=row.timestamp("at"),
-        destroy_after=None if destroy_after is None else row.timestamp("destroy_after"),
+        destroy_after=row.timestamp("destroy_after") if row.text("destroy_after") else None,
     )
