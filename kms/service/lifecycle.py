@@ -237,6 +237,7 @@ class KeyLifecycle:
         change = plan(self.get(key_id), self._clock())
         if not change.is_empty:
             self._keys.apply_change(change)
+            self._changed(key_id)
         return self.get(key_id)
 
     def _rotate(self, managed: ManagedKey, actor: str, now: datetime) -> KeyVersion:
@@ -253,6 +254,7 @@ class KeyLifecycle:
         except BaseException:
             self._hsm.destroy_key_pair(hsm_id)
             raise
+        self._changed(key.key_id)
         assert change.new_version is not None
         return change.new_version
 
@@ -263,5 +265,6 @@ class KeyLifecycle:
         if version.state is not KeyVersionState.DESTROYED:
             change = lifecycle.transition(managed, number, KeyVersionState.DESTROYED, actor, now)
             self._keys.apply_change(change)
+            self._changed(version.key_id)
         self._hsm.destroy_key_pair(version.hsm_id)
         self._keys.record_material_destroyed(version.key_id, number, now)
