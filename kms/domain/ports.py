@@ -33,6 +33,7 @@ class TransportBatch:
 
     transport_hsm_id: bytes
     wrapped_batch_key: bytes
+    key_version: str = ""  # the transport key version's name, for the key-use record
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,9 @@ class KmsServer:
         )
         signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(self.signing), self.server)
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.signing), self.server)
-        self.registry = DeviceRegistry(components.hsm, components.keys, components.devices)
+        self.registry = DeviceRegistry(
+            components.hsm, components.keys, components.devices, components.signature_log
+        )
         self.distribution = Distribution(
             components.hsm,
             components.keys,

@@ -8,6 +8,7 @@ batch is committed in one transaction before anything is acknowledged.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +27,8 @@ from kms.domain.errors import FailedPrecondition, InvalidArgument, KmsError, Lim
 from kms.domain.esp_encrypted_img import normalize_device_public_key
 from kms.domain.identity import Caller
 from kms.domain.keys import Key, KeyPurpose, KeyVersion, KeyVersionState, validate_product
-from kms.domain.ports import DeviceRepository, Hsm, KeyRepository, TransportBatch
+from kms.domain.ports import DeviceRepository, Hsm, KeyRepository, SignatureLog, TransportBatch
+from kms.domain.releases import SignatureRecord
 
 MAX_ROWS_PER_BATCH = 1000
 WRAPPED_SECRET_SIZE = 40  # RFC 3394 key wrap of 32 bytes: 8-byte integrity block + 32 bytes
@@ -69,11 +71,13 @@ class DeviceRegistry:
         hsm: Hsm,
         keys: KeyRepository,
         devices: DeviceRepository,
+        signature_log: SignatureLog,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._hsm = hsm
         self._keys = keys
         self._devices = devices
+        self._log = signature_log
         self._clock = clock
 
     def registration_key(self, product: str) -> KeyVersion:
@@ -90,7 +94,7 @@ class DeviceRegistry:
             )
         if len(wrapped_batch_key) != 384:
             raise InvalidArgument("wrapped_batch_key must be an RSA-3072 OAEP ciphertext of 384 bytes")
-        return TransportBatch(version.hsm_id, wrapped_batch_key)
+        return TransportBatch(version.hsm_id, wrapped_batch_key, version.name)
 
     def register(
         self, caller: Caller, product: str, rows: Sequence[RegistrationRow], transport: TransportBatch | None
@@ -128,6 +132,21 @@ class DeviceRegistry:
             fingerprint_message=FINGERPRINT_LABEL,
         )
         now = self._clock()
+        if valid:  # the KEK (and the transport key) were used: recorded before anything is acknowledged
+            ids = "\n".join(row.device_id for _, row, _, _ in valid).encode()
+            subject = f"{len(valid)} device secrets of {product}"
+            used = [kek.name] + ([transport.key_version] if transport is not None else [])
+            for key_version in used:
+                self._log.append(
+                    SignatureRecord(
+                        caller.identity,
+                        "import-device-secrets",
+                        key_version,
+                        hashlib.sha256(ids).digest(),
+                        subject,
+                        now,
+                    )
+                )
         to_store: list[tuple[int, Device]] = []
         for (index, row, chip, ecies), secret in zip(valid, imported, strict=True):
             if isinstance(secret, KmsError):
