@@ -175,3 +175,17 @@ def test_keys_list_json(kms_server: RunningKms) -> None:
     for slot in range(3):
         assert f"keys/rsa-3-slot{slot}" in text
     assert "keys/p256" not in text
+
+
+def test_every_key_use_is_recorded_with_the_caller(kms_server: RunningKms) -> None:
+    import sqlite3
+
+    digest = hashlib.sha256(b"recorded").digest()
+    with kms_server.client() as kms:
+        signature = kms.sign_digest("keys/artifacts-p256", digest)
+    db = sqlite3.connect(f"file:{kms_server.state_dir / 'kms.db'}?mode=ro", uri=True)
+    rows = db.execute(
+        "SELECT caller, operation, key_version, subject FROM signatures WHERE digest = ?", [digest]
+    ).fetchall()
+    db.close()
+    assert rows == [("spiffe://kms.dev/build-server/dev", "sign-digest", signature.key_version, digest.hex())]
