@@ -188,15 +188,16 @@ def _ecies_point(key: bytes) -> bytes | None:
 
 
 def kek_hsm_id(keys: KeyRepository, device: Device) -> bytes:
-    """The HSM id of the KEK version a device's secret is wrapped under; it must not be destroyed."""
+    """The HSM id of the KEK version a device's secret is wrapped under; it must be enabled."""
     try:
         version = keys.get_key(device.secret.kek_key_id).version(device.secret.kek_version)
     except (LookupError, NotFound):
         raise FailedPrecondition(
             f"the key-encryption key of device {device.device_id!r} is missing"
         ) from None
-    if version.state in (KeyVersionState.DESTROYED, KeyVersionState.DESTROY_SCHEDULED):
+    if version.state is not KeyVersionState.ENABLED:
         raise FailedPrecondition(
-            f"the key-encryption key {version.name} of device {device.device_id!r} is gone"
+            f"the key-encryption key {version.name} of device {device.device_id!r} is {version.state.value}; "
+            "only enabled versions unwrap"
         )
     return version.hsm_id
