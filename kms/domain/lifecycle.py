@@ -290,16 +290,16 @@ def _new_primary(managed: ManagedKey, number: int, target: KeyVersionState, new_
     return key.primary_version
 
 
+_SCHEDULE_FIRST = "schedule its destruction; it is destroyed once the delay has passed"
+_HINTS = {
+    (DESTROY_SCHEDULED, ENABLED): "cancel the destruction first (the version becomes disabled), then enable",
+    (ENABLED, DESTROYED): _SCHEDULE_FIRST,
+    (DISABLED, DESTROYED): _SCHEDULE_FIRST,
+}
+
+
 def _refusal(version: KeyVersion, target: KeyVersionState) -> FailedPrecondition:
-    hints = {
-        (
-            DESTROY_SCHEDULED,
-            ENABLED,
-        ): "cancel the destruction first (the version becomes disabled), then enable",
-        (ENABLED, DESTROYED): "schedule its destruction; it is destroyed once the delay has passed",
-        (DISABLED, DESTROYED): "schedule its destruction; it is destroyed once the delay has passed",
-    }
-    hint = hints.get((version.state, target), "")
+    hint = _HINTS.get((version.state, target), "")
     if version.state is DESTROYED:
         hint = "destroyed versions are gone for good"
     return FailedPrecondition(

@@ -101,6 +101,10 @@ class KeyCache:
         self._entries[key_id] = (now + self._ttl, key)
         return key
 
+    def invalidate(self, key_id: str) -> None:
+        """Forget a key at once (this process changed it: see ``KeyLifecycle(changed=...)``)."""
+        self._entries.pop(key_id, None)
+
 
 class SigningService:
     def __init__(
@@ -193,6 +197,10 @@ class SigningService:
         if stored.output_sha256 != release.output_sha256:  # a concurrent identical request won the race
             return SignedImage(stored, reused=True)
         return SignedImage(stored, reused=False, data=signed)
+
+    def key_changed(self, key_id: str) -> None:
+        """Drop cached state of a key this process just changed (wire to ``KeyLifecycle(changed=...)``)."""
+        self._key_cache.invalidate(key_id)
 
     def read_release(self, release: Release, offset: int = 0) -> bytes:
         return self._releases.read_image(release.output_sha256, offset)

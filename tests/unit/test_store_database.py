@@ -192,7 +192,8 @@ def test_durability_settings_are_in_effect_on_every_connection(path: Path) -> No
 def test_foreign_keys_are_enforced(db: Database) -> None:
     with pytest.raises(InvalidArgument) as caught, db.transaction() as session:
         session.execute(
-            "INSERT INTO key_versions VALUES ('no-such-key', 1, 'ecdsa-p256', 'enabled', x'01', x'02', 'now')"
+            "INSERT INTO key_versions (key_id, version, algorithm, state, hsm_id, public_key_der, "
+            "created_at) VALUES ('no-such-key', 1, 'ecdsa-p256', 'enabled', x'01', x'02', 'now')"
         )
     assert "INSERT" not in str(caught.value)
 
