@@ -26,7 +26,8 @@ Checkpoints
 -----------
 With a ``CheckpointSigner``, a second thread signs and stores a checkpoint of the committed head when
 ``checkpoint_every`` records are unsigned, or when the oldest unsigned record is ``checkpoint_interval``
-seconds old; signing never delays an append. If signing or storing fails (HSM unreachable), appends go on, the
+seconds old. Signing is off the append path (only the checkpoint's one-row commit queues with the
+writer's batches). If signing or storing fails (HSM unreachable), appends go on, the
 error is logged and kept in ``last_checkpoint_error``, and the attempt is repeated after ``retry_delay``
 seconds; the next checkpoint covers everything. A log opened on a file whose last records are unsigned (after
 a crash) signs them at once. ``close`` signs a final checkpoint, so after an orderly shutdown no record is
@@ -76,10 +77,17 @@ from kms.store.database import Database, Row, Session, StorageFailure
 
 _log = logging.getLogger("kms.audit")
 
-_RECORD_COLUMNS = (
-    "seq, time, caller, role, operation, product, resource, key_version, outcome, request_id, prev_hash, hash"
+_INSERT_RECORD = (
+    "INSERT INTO audit_records (seq, time, caller, role, operation, product, resource, key_version, outcome, "
+    "request_id, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_RECORD = f"INSERT INTO audit_records ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT_RECORDS = (
+    "SELECT id, seq, time, caller, role, operation, product, resource, key_version, outcome, request_id, "
+    "prev_hash, hash FROM audit_records "
+)
+_FIRST_PAGE = _SELECT_RECORDS + "ORDER BY id LIMIT ?"
+_NEXT_PAGE = _SELECT_RECORDS + "WHERE id > ? ORDER BY id LIMIT ?"
+_BY_SEQ = _SELECT_RECORDS + "WHERE seq >= ? ORDER BY seq LIMIT ?"
 _INSERT_CHECKPOINT = (
     "INSERT OR IGNORE INTO audit_checkpoints (count, head_hash, time, key_version, signature) "
     "VALUES (?, ?, ?, ?, ?)"
@@ -152,13 +160,10 @@ def _last_checkpoint(session: Session) -> int:
 
 def _records_in_storage_order(session: Session) -> Iterator[AuditRecord]:
     """Every record, in id order, read a page at a time (ids may be anything after tampering)."""
-    rows = session.rows(f"SELECT id, {_RECORD_COLUMNS} FROM audit_records ORDER BY id LIMIT ?", [_PAGE])
+    rows = session.rows(_FIRST_PAGE, [_PAGE])
     while rows:
         yield from (_record(row) for row in rows)
-        rows = session.rows(
-            f"SELECT id, {_RECORD_COLUMNS} FROM audit_records WHERE id > ? ORDER BY id LIMIT ?",
-            [rows[-1].integer("id"), _PAGE],
-        )
+        rows = session.rows(_NEXT_PAGE, [rows[-1].integer("id"), _PAGE])
 
 
 def _checkpoints(session: Session) -> list[Checkpoint]:
@@ -178,10 +183,7 @@ def read_records(db: Database, first: int = 1, limit: int = _PAGE) -> list[Audit
     if first < 1 or not 1 <= limit <= 10 * _PAGE:
         raise InvalidArgument(f"read from record 1 or later, at most {10 * _PAGE} records at a time")
     with db.snapshot() as session:
-        rows = session.rows(
-            f"SELECT {_RECORD_COLUMNS} FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?", [first, limit]
-        )
-        return [_record(row) for row in rows]
+        return [_record(row) for row in session.rows(_BY_SEQ, [first, limit])]
 
 
 def read_checkpoints(db: Database) -> list[Checkpoint]:
@@ -453,7 +455,7 @@ class SqliteAuditLog:
                 self.checkpoint()
             except KmsError as e:
                 _log.warning("an audit checkpoint could not be made, retrying later: %s", e)
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged with its traceback; the checkpointer must survive
                 _log.exception("an audit checkpoint failed unexpectedly; retrying later")
 
     def _wait_until_checkpoint_due(self) -> bool:
