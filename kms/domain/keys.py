@@ -97,6 +97,7 @@ class KeyPurpose(enum.Enum):
     KEY_ENCRYPTION = "key-encryption"  # the product's KEK: wraps device secrets (AES-256, KWP)
     REGISTRATION_TRANSPORT = "registration-transport"  # factories wrap batch keys to it (RSA-3072 OAEP)
     PAYLOAD_SEED = "payload-seed"  # HMAC key deriving deterministic esp_encrypted_img ephemerals
+    AUDIT_CHECKPOINT = "audit-checkpoint"  # signs audit log checkpoints (ECDSA P-256), product "kms"
 
     @property
     def algorithms(self) -> frozenset[Algorithm]:
@@ -111,7 +112,11 @@ _PURPOSE_ALGORITHMS = {
     KeyPurpose.KEY_ENCRYPTION: frozenset({Algorithm.AES_256}),
     KeyPurpose.REGISTRATION_TRANSPORT: frozenset({Algorithm.RSA_3072_OAEP_SHA256}),
     KeyPurpose.PAYLOAD_SEED: frozenset({Algorithm.HMAC_SHA256}),
+    KeyPurpose.AUDIT_CHECKPOINT: frozenset({Algorithm.ECDSA_P256_SHA256}),
 }
+
+SYSTEM_PRODUCT = "kms"
+"""The product name of the service's own keys (the audit checkpoint key)."""
 
 
 class KeyVersionState(enum.Enum):

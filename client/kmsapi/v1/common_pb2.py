@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kmsapi/v1/common.proto\x12\tkmsapi.v1\"6\n\x06\x44igest\x12\x10\n\x06sha256\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06sha384\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06\x64igest*\x80\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45\x43\x44SA_P256_SHA256\x10\x01\x12\x15\n\x11\x45\x43\x44SA_P384_SHA384\x10\x02\x12\x17\n\x13RSA_3072_PSS_SHA256\x10\x03*I\n\x11SignatureEncoding\x12\"\n\x1eSIGNATURE_ENCODING_UNSPECIFIED\x10\x00\x12\x07\n\x03RAW\x10\x01\x12\x07\n\x03\x44\x45R\x10\x02*u\n\x0fKeyVersionState\x12!\n\x1dKEY_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x45NABLED\x10\x01\x12\x0c\n\x08\x44ISABLED\x10\x02\x12\x15\n\x11\x44\x45STROY_SCHEDULED\x10\x03\x12\r\n\tDESTROYED\x10\x04*\xa5\x01\n\nKeyPurpose\x12\x1b\n\x17KEY_PURPOSE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSECURE_BOOT_V2\x10\x01\x12\x12\n\x0e\x44IGEST_SIGNING\x10\x02\x12\x10\n\x0cOTA_MANIFEST\x10\x03\x12\x12\n\x0eKEY_ENCRYPTION\x10\x04\x12\x1a\n\x16REGISTRATION_TRANSPORT\x10\x05\x12\x10\n\x0cPAYLOAD_SEED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kmsapi/v1/common.proto\x12\tkmsapi.v1\"6\n\x06\x44igest\x12\x10\n\x06sha256\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06sha384\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06\x64igest*\x80\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45\x43\x44SA_P256_SHA256\x10\x01\x12\x15\n\x11\x45\x43\x44SA_P384_SHA384\x10\x02\x12\x17\n\x13RSA_3072_PSS_SHA256\x10\x03*I\n\x11SignatureEncoding\x12\"\n\x1eSIGNATURE_ENCODING_UNSPECIFIED\x10\x00\x12\x07\n\x03RAW\x10\x01\x12\x07\n\x03\x44\x45R\x10\x02*u\n\x0fKeyVersionState\x12!\n\x1dKEY_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x45NABLED\x10\x01\x12\x0c\n\x08\x44ISABLED\x10\x02\x12\x15\n\x11\x44\x45STROY_SCHEDULED\x10\x03\x12\r\n\tDESTROYED\x10\x04*\xbb\x01\n\nKeyPurpose\x12\x1b\n\x17KEY_PURPOSE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSECURE_BOOT_V2\x10\x01\x12\x12\n\x0e\x44IGEST_SIGNING\x10\x02\x12\x10\n\x0cOTA_MANIFEST\x10\x03\x12\x12\n\x0eKEY_ENCRYPTION\x10\x04\x12\x1a\n\x16REGISTRATION_TRANSPORT\x10\x05\x12\x10\n\x0cPAYLOAD_SEED\x10\x06\x12\x14\n\x10\x41UDIT_CHECKPOINT\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYVERSIONSTATE']._serialized_start=299
   _globals['_KEYVERSIONSTATE']._serialized_end=416
   _globals['_KEYPURPOSE']._serialized_start=419
-  _globals['_KEYPURPOSE']._serialized_end=584
+  _globals['_KEYPURPOSE']._serialized_end=606
   _globals['_DIGEST']._serialized_start=37
   _globals['_DIGEST']._serialized_end=91
 # @@protoc_insertion_point(module_scope)

@@ -121,6 +121,8 @@ class _KeyPurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyPurpose
     """RSA-3072 key factory stations wrap registration batch keys to (RSA-OAEP)."""
     PAYLOAD_SEED: _KeyPurpose.ValueType  # 6
     """HMAC-SHA256 key that derives the deterministic ephemerals of esp_encrypted_img payloads."""
+    AUDIT_CHECKPOINT: _KeyPurpose.ValueType  # 7
+    """Signs the audit log's checkpoints (ECDSA P-256); one, of the reserved product "kms"."""
 
 class KeyPurpose(_KeyPurpose, metaclass=_KeyPurposeEnumTypeWrapper):
     """What a key is for."""
@@ -138,6 +140,8 @@ REGISTRATION_TRANSPORT: KeyPurpose.ValueType  # 5
 """RSA-3072 key factory stations wrap registration batch keys to (RSA-OAEP)."""
 PAYLOAD_SEED: KeyPurpose.ValueType  # 6
 """HMAC-SHA256 key that derives the deterministic ephemerals of esp_encrypted_img payloads."""
+AUDIT_CHECKPOINT: KeyPurpose.ValueType  # 7
+"""Signs the audit log's checkpoints (ECDSA P-256); one, of the reserved product "kms"."""
 Global___KeyPurpose: _TypeAlias = KeyPurpose  # noqa: Y015
 
 @_typing.final
