@@ -29,6 +29,7 @@ SINGLE_KEY_PURPOSES = frozenset(
         KeyPurpose.KEY_ENCRYPTION,
         KeyPurpose.REGISTRATION_TRANSPORT,
         KeyPurpose.PAYLOAD_SEED,
+        KeyPurpose.AUDIT_CHECKPOINT,
     }
 )
 """Purposes with one key per product (new material comes as new versions of it)."""
