@@ -17,6 +17,16 @@ the echo server, all with the client certificate of the ``build-server`` role. A
 it and sends back a result. Timed commands carry a start time on the system-wide monotonic clock
 (``time.monotonic`` is ``CLOCK_MONOTONIC`` on Linux, shared by all processes): workers warm up, sleep until
 then and stop at the end time, so that all clients of one measurement run in the same window.
+
+Besides the commands defined here, a benchmark module can define its own (``Task``: a picklable object
+with a ``run_in(worker)`` method that runs in the worker process); ``Worker.channel`` and
+``Worker.client_for`` give it cached channels and clients for any ``Endpoint`` (target and client
+identity), ``Worker.state`` keeps what else it wants to reuse between commands.
+
+Limits
+------
+Most targets are ratios (``Comparison``); the others are absolute (a time, a number of bytes) and are
+``Limit``s. Both are reported in the same way: the medians, every sample, the target, whether it is met.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Literal, Protocol, TypeAlias
 
 import google_crc32c
 import grpc
@@ -142,6 +152,8 @@ class Comparison:
     target: float | None
     """The issue's target for the ratio; None for comparisons reported for information only."""
     note: str = ""
+    lower_is_better: bool = False
+    """The target is a maximum (latencies: the subject may be at most ``target`` times the baseline)."""
 
     @property
     def ratio(self) -> float:
@@ -154,7 +166,9 @@ class Comparison:
 
     @property
     def met(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target
+        if self.target is None:
+            return None
+        return self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
 
     def to_json(self) -> dict[str, object]:
         paired = self.paired_ratios
@@ -166,6 +180,49 @@ class Comparison:
             "paired_ratios": paired,
             "median_paired_ratio": statistics.median(paired) if paired else math.nan,
             "target": self.target,
+            "target_is_maximum": self.lower_is_better,
+            "met": self.met,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A measured quantity against an absolute target (a time, a size), not a ratio.
+
+    ``value`` is the median of ``series``, or its worst sample with ``worst`` (the largest when the target
+    is a maximum): for memory, the worst case is what a deployment must provision for.
+    """
+
+    name: str
+    series: Series
+    target: float | None
+    at_most: bool = True
+    worst: bool = False
+    note: str = ""
+
+    @property
+    def value(self) -> float:
+        if not self.series.samples:
+            return math.nan
+        if not self.worst:
+            return self.series.median
+        return max(self.series.samples) if self.at_most else min(self.series.samples)
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value <= self.target if self.at_most else self.value >= self.target
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "series": self.series.to_json(),
+            "value": self.value,
+            "statistic": ("max" if self.at_most else "min") if self.worst else "median",
+            "target": self.target,
+            "target_is_maximum": self.at_most,
             "met": self.met,
             "note": self.note,
         }
@@ -190,27 +247,48 @@ def format_table(comparisons: Sequence[Comparison]) -> str:
                 f"{_rate(c.baseline.median)} {c.baseline.unit}",
                 f"{c.ratio:.2f}x",
                 f"{statistics.median(paired):.2f}x" if paired else "-",
-                "-" if c.target is None else f">= {c.target:g}x",
+                "-" if c.target is None else f"{'<=' if c.lower_is_better else '>='} {c.target:g}x",
                 {True: "yes", False: "NO", None: "info"}[c.met],
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _columns(rows)
+
+
+def _columns(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
 
-def format_series(comparisons: Sequence[Comparison]) -> str:
+def format_limits(limits: Sequence[Limit]) -> str:
+    """The absolute targets as a fixed-width table: value, target, met."""
+    rows: list[tuple[str, ...]] = [("measurement", "value", "statistic", "target", "met")]
+    for limit in limits:
+        unit = limit.series.unit
+        rows.append(
+            (
+                limit.name,
+                f"{_rate(limit.value)} {unit}",
+                ("max" if limit.at_most else "min") if limit.worst else "median",
+                "-" if limit.target is None else f"{'<=' if limit.at_most else '>='} {limit.target:g} {unit}",
+                {True: "yes", False: "NO", None: "info"}[limit.met],
+            )
+        )
+    return _columns(rows)
+
+
+def format_series(comparisons: Sequence[Comparison], limits: Sequence[Limit] = ()) -> str:
     """Every sample, one line per series, for the reader who wants to see the spread."""
     lines = []
     shown: set[int] = set()
-    for c in comparisons:
-        for s in (c.subject, c.baseline):
-            if id(s) in shown:
-                continue
-            shown.add(id(s))
-            samples = ", ".join(_rate(v) for v in s.samples)
-            lines.append(f"  {s.name}: median {_rate(s.median)} {s.unit} from [{samples}]")
+    every = [s for c in comparisons for s in (c.subject, c.baseline)] + [limit.series for limit in limits]
+    for s in every:
+        if id(s) in shown:
+            continue
+        shown.add(id(s))
+        samples = ", ".join(_rate(v) for v in s.samples)
+        lines.append(f"  {s.name}: median {_rate(s.median)} {s.unit} from [{samples}]")
     return "\n".join(lines)
 
 
@@ -311,6 +389,11 @@ class Environment:
         """The environment for processes that open the token themselves (espsecure)."""
         return dict(os.environ, SOFTHSM2_CONF=str(self.softhsm2_conf))
 
+    def endpoint(self, role: str, target: str | None = None) -> Endpoint:
+        """The KMS (or ``target``) as a client with ``role``'s certificate reaches it."""
+        creds = self.kms.credentials(role)
+        return Endpoint(target or self.kms.target, creds["ca"], creds["cert"], creds["key"])
+
     def worker_setup(self) -> WorkerSetup:
         creds = self.kms.credentials("build-server")
         return WorkerSetup(
@@ -351,20 +434,30 @@ def distinct_digests(worker: int, count: int) -> list[bytes]:
 
 @contextlib.contextmanager
 def _echo_server(config: Path, response_file: Path, log_path: Path) -> Iterator[int]:
-    ready = config.parent / f"echo-ready-{time.monotonic_ns()}"
-    command = [sys.executable, "-m", "bench.echo", "--config", str(config), "--ready-file", str(ready)]
-    command += ["--response-file", str(response_file)]
+    with server_process("bench.echo", config, ["--response-file", str(response_file)], log_path) as (port, _):
+        yield port
+
+
+@contextlib.contextmanager
+def server_process(
+    module: str, config: Path, args: Sequence[str], log_path: Path, *, subcommand: str | None = None
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """Run ``python -m module [SUBCOMMAND] --config CONFIG --ready-file FILE ARGS`` until the block ends;
+    yields the port it wrote to the ready file, and the process. Stopped with SIGTERM."""
+    ready = config.parent / f"{module}-ready-{time.monotonic_ns()}"
+    command = [sys.executable, "-m", module, *([subcommand] if subcommand else [])]
+    command += ["--config", str(config), "--ready-file", str(ready), *args]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
             if process.poll() is not None:
-                raise BenchError(f"the echo server exited {process.returncode}:\n{log_path.read_text()}")
+                raise BenchError(f"{module} exited {process.returncode}:\n{log_path.read_text()}")
             if time.monotonic() > deadline:
-                raise BenchError("the echo server did not become ready in 60 s")
+                raise BenchError(f"{module} did not become ready in 60 s")
             time.sleep(0.05)
-        yield int(ready.read_text())
+        yield int(ready.read_text()), process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -376,16 +469,21 @@ def _echo_server(config: Path, response_file: Path, log_path: Path) -> Iterator[
 
 
 @contextlib.contextmanager
-def environment(image_keys: Sequence[ImageKey], *, keep: bool = False) -> Iterator[Environment]:
+def environment(
+    image_keys: Sequence[ImageKey], *, keep: bool = False, product_sets: Sequence[str] = ()
+) -> Iterator[Environment]:
     """A running KMS with ``image_keys`` and the digest key, and a running echo server (see the module doc).
 
+    ``product_sets`` are products that get the factory and distribution keys too (``kms keys
+    create-product-set``: KEK, OTA manifest key, registration transport key, payload-seed key).
     The temporary directory is removed afterwards unless ``keep``.
     """
     root = Path(tempfile.mkdtemp(prefix="kms-bench-"))
     try:
         keys = [key.spec() for key in image_keys] + [DIGEST_KEY]
-        log(f"setting up {root}: kms init, {len(keys)} keys, kms serve, echo server")
-        with running_kms(root / "state", keys) as kms:
+        sets = f", product sets {', '.join(product_sets)}" if product_sets else ""
+        log(f"setting up {root}: kms init, {len(keys)} keys{sets}, kms serve, echo server")
+        with running_kms(root / "state", keys, product_sets=product_sets) as kms:
             config = load_config(kms.config)
             hsm = HsmConfig.from_uri(config.hsm_uri)
             if config.softhsm2_conf is None or hsm.token_label is None:
@@ -425,8 +523,22 @@ def _one_sign_digest(kms: RunningKms) -> bytes:
     return response
 
 
-def _channel(target: str, ca: Path, cert: Path, key: Path) -> grpc.Channel:
-    """A channel like ``KmsClient``'s: mutual TLS with the given identity, the client's message limits."""
+@dataclass(frozen=True)
+class Endpoint:
+    """A server and the client identity (certificate of a role) a worker reaches it with."""
+
+    target: str
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _channel(target: str, ca: Path, cert: Path, key: Path, *, own_connection: bool = False) -> grpc.Channel:
+    """A channel like ``KmsClient``'s: mutual TLS with the given identity, the client's message limits.
+
+    With ``own_connection`` the channel does not share gRPC's process-wide subchannel pool, so it opens a
+    connection of its own even when another channel has the same target and arguments.
+    """
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
     )
@@ -435,7 +547,14 @@ def _channel(target: str, ca: Path, cert: Path, key: Path) -> grpc.Channel:
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
         ("grpc.primary_user_agent", "kms-bench"),
     ]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     return grpc.secure_channel(target, credentials, options)
+
+
+def open_channel(endpoint: Endpoint, *, own_connection: bool = False) -> grpc.Channel:
+    """A new channel to ``endpoint`` (the caller closes it); see ``_channel``."""
+    return _channel(endpoint.target, endpoint.ca, endpoint.cert, endpoint.key, own_connection=own_connection)
 
 
 # -- client worker processes --------------------------------------------------------------------------------
@@ -486,17 +605,27 @@ class CallLoop:
     end_at: float
 
 
-Command: TypeAlias = PrepareImages | SignImages | CallLoop
+class Task(Protocol):
+    """A command a benchmark module defines: ``run_in`` runs in the worker process (see the module doc)."""
+
+    def run_in(self, worker: Worker) -> Done: ...
+
+
+Command: TypeAlias = PrepareImages | SignImages | CallLoop | Task
 
 
 @dataclass(frozen=True)
 class Done:
-    """What a worker answers: ``count`` images or calls completed in [``began``, ``ended``]."""
+    """What a worker answers: ``count`` images or calls completed in [``began``, ``ended``].
+
+    ``samples`` carries what else a ``Task`` measured (latencies, per-stream times), by name.
+    """
 
     count: int
     began: float
     ended: float
     late: bool = False
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -504,11 +633,15 @@ class _Failure:
     text: str
 
 
-class _Worker:
+class Worker:
     """The state of one worker process; runs commands sent by ``WorkerPool``."""
 
     def __init__(self, index: int, setup: WorkerSetup) -> None:
         self.index = index
+        self.state: dict[str, object] = {}
+        """What ``Task``s keep between commands in this process."""
+        self._channels: dict[Endpoint, grpc.Channel] = {}
+        self._clients: dict[tuple[Endpoint, float], KmsClient] = {}
         self.client = KmsClient.from_files(
             setup.kms_target,
             ca=setup.ca,
@@ -528,7 +661,32 @@ class _Worker:
             return self._prepare(command)
         if isinstance(command, SignImages):
             return self._sign_images(command)
-        return self._call_loop(command)
+        if isinstance(command, CallLoop):
+            return self._call_loop(command)
+        return command.run_in(self)
+
+    def channel(self, endpoint: Endpoint) -> grpc.Channel:
+        """A channel to ``endpoint`` like ``KmsClient``'s, made once per worker and endpoint."""
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = _channel(endpoint.target, endpoint.ca, endpoint.cert, endpoint.key)
+            self._channels[endpoint] = channel
+        return channel
+
+    def client_for(self, endpoint: Endpoint, timeout: float = CALL_TIMEOUT) -> KmsClient:
+        """A ``KmsClient`` for ``endpoint`` (no retries), made once per worker, endpoint and timeout."""
+        client = self._clients.get((endpoint, timeout))
+        if client is None:
+            client = KmsClient.from_files(
+                endpoint.target,
+                ca=endpoint.ca,
+                cert=endpoint.cert,
+                key=endpoint.key,
+                timeout=timeout,
+                retries=RetryPolicy(max_attempts=1),
+            )
+            self._clients[(endpoint, timeout)] = client
+        return client
 
     def _prepare(self, command: PrepareImages) -> Done:
         began = time.monotonic()
@@ -597,13 +755,22 @@ class _Worker:
         self.client.close()
         self.kms_channel.close()
         self.echo_channel.close()
+        for client in self._clients.values():
+            client.close()
+        for channel in self._channels.values():
+            channel.close()
+        for value in self.state.values():
+            close = getattr(value, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
 
 
 def _worker_main(index: int, setup: WorkerSetup, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the workers
-    worker: _Worker | None = None
+    worker: Worker | None = None
     try:
-        worker = _Worker(index, setup)
+        worker = Worker(index, setup)
         conn.send("ready")
         while (command := conn.recv()) is not None:
             try:

@@ -7,6 +7,16 @@ Synopsis::
     kmsctl public-key NAME [-o PEM]
     kmsctl efuse-digest NAME -o DIGEST.bin
     kmsctl keys list [--product PRODUCT]
+    kmsctl audit tail [-n N] [--follow] | export -o FILE.jsonl | verify [FILE.jsonl] [--public-key PEM]
+    kmsctl keys create --key-id ID --product PRODUCT --algorithm ALG [--purpose PURPOSE] [--slot N]
+    kmsctl keys create-product-set --product PRODUCT
+    kmsctl keys rotate KEY
+    kmsctl keys disable|enable VERSION [--new-primary N]
+    kmsctl keys set-primary VERSION
+    kmsctl keys schedule-destroy VERSION [--delay DURATION] [--new-primary N]
+    kmsctl keys cancel-destroy VERSION
+    kmsctl keys set-rotation KEY (--period DURATION [--first-rotation TIME] | --clear)
+    kmsctl keys history NAME
     kmsctl devices new-secret -o KEY.bin [--ecies]
     kmsctl devices register --product PRODUCT (--csv FILE | --jsonl FILE) [--plain-secrets]
                             [--state-file FILE] [--batch-size N]
@@ -22,10 +32,11 @@ Every command takes the connection options ``--server HOST:PORT`` (env ``KMSCTL_
 ``--ca``/``--cert``/``--tls-key`` do not name comes from the development PKI that ``kms init`` creates:
 ``STATE_DIR/pki/ca.pem``, ``STATE_DIR/pki/clients/ROLE.pem`` and ``STATE_DIR/pki/clients/ROLE.key``,
 where STATE_DIR is ``--state-dir`` (env ``KMS_STATE_DIR``, default ``./.kms``) and ROLE is ``--identity``,
-by default the role the command is for: ``build-server`` (sign, sign-digest, public-key, efuse-digest, keys),
-``factory-registrar`` (devices register, devices show), ``security-officer`` (devices revoke),
-``distribution-server`` (payload get). A key NAME is ``keys/ID``, ``keys/ID/versions/N``, or just ``ID``;
-a release NAME is ``releases/HEX`` or just the hex SHA-256. ``devices new-secret`` works offline.
+by default the role the command is for: ``build-server`` (sign, sign-digest, public-key, efuse-digest,
+keys list), ``factory-registrar`` (devices register, devices show), ``security-officer`` (devices revoke,
+every other keys command: see ``kmsctl._admin_cli``), ``distribution-server`` (payload get). A key NAME
+is ``keys/ID``, ``keys/ID/versions/N``, or just ``ID``; a release NAME is ``releases/HEX`` or just the hex
+SHA-256. ``devices new-secret`` works offline.
 
 ``devices register`` reads CSV (header line) or JSON Lines with the fields device_id, chip, secret (hex) or
 secret_file (a 32-byte file), and optionally ecies_public_key (hex); see ``kmsctl._device_input``. Rows
@@ -802,10 +813,18 @@ def build_parser() -> argparse.ArgumentParser:
     efuse.add_argument("name", metavar="NAME", help="keys/ID (primary version), keys/ID/versions/N or ID")
     efuse.add_argument("-o", "--output", metavar="DIGEST", required=True, help="where to write the digest")
 
-    keys = commands.add_parser("keys", help="Inspect keys.", description="Inspect keys.")
+    keys = commands.add_parser(
+        "keys", help="Inspect and administer keys.", description="Inspect and administer keys."
+    )
     key_commands = keys.add_subparsers(title="commands", metavar="COMMAND", required=True)
     listing = add(key_commands, "list", "List keys and their versions.", _keys_list)
     listing.add_argument("--product", help="only this product's keys")
+    from kmsctl._admin_cli import add_key_admin_commands  # imports this module: see its docstring
+
+    add_key_admin_commands(key_commands, [connection, output])
+    from kmsctl._audit_cli import add_audit_commands  # imports this module lazily: see its docstring
+
+    add_audit_commands(commands, add, _connect)
 
     devices = commands.add_parser(
         "devices", help="Register and manage devices (factory).", description="Register and manage devices."

@@ -22,21 +22,38 @@ from grpc_reflection.v1alpha import reflection
 
 from kms.hsm.config import HsmConfig
 from kms.hsm.pkcs11_hsm import Pkcs11Hsm
+from kms.server.admin_servicers import add_key_admin
+from kms.server.audit_interceptor import AuditInterceptor
+from kms.server.audit_servicers import add_audit
+from kms.server.audit_setup import open_audit_log
 from kms.server.auth import AuthorizationInterceptor
 from kms.server.config import Config
 from kms.server.devices_servicers import DeviceRegistryServicer, DistributionServicer
 from kms.server.health import HsmHealth
+from kms.server.lifecycle_scheduler import LifecycleScheduler
 from kms.server.servicers import KeyServicer, SigningServicer
 from kms.service.distribution import Distribution
+from kms.service.keys import KeyAdministration
+from kms.service.lifecycle import KeyLifecycle
 from kms.service.registry import DeviceRegistry
 from kms.service.signing import SigningService
+from kms.store.audit import SqliteAuditLog
 from kms.store.blobs import BlobStore
 from kms.store.database import Database
 from kms.store.devices import SqliteDeviceRepository
 from kms.store.keys import SqliteKeyRepository
 from kms.store.releases import SqliteReleaseRepository
 from kms.store.signature_log import SqliteSignatureLog
-from kmsapi.v1 import devices_pb2, devices_pb2_grpc, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from kmsapi.v1 import (
+    admin_pb2,
+    audit_pb2,
+    devices_pb2,
+    devices_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+)
 
 log = logging.getLogger("kms.server")
 
@@ -45,6 +62,8 @@ SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     devices_pb2.DESCRIPTOR.services_by_name["DeviceRegistryService"].full_name,
     devices_pb2.DESCRIPTOR.services_by_name["DistributionService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 
 
@@ -56,8 +75,10 @@ class Components:
     releases: SqliteReleaseRepository
     devices: SqliteDeviceRepository
     signature_log: SqliteSignatureLog
+    audit_log: SqliteAuditLog
 
     def close(self) -> None:
+        self.audit_log.close()  # signs a final checkpoint: before the database and the HSM close
         self.signature_log.close()
         self.database.close()
         self.hsm.close()
@@ -78,10 +99,18 @@ def open_components(config: Config) -> Components:
     except BaseException:
         hsm.close()
         raise
+    keys = SqliteKeyRepository(database)
+    try:
+        audit_log = open_audit_log(hsm, keys, database)
+    except BaseException:
+        database.close()
+        hsm.close()
+        raise
     return Components(
         hsm=hsm,
         database=database,
-        keys=SqliteKeyRepository(database),
+        keys=keys,
+        audit_log=audit_log,
         releases=SqliteReleaseRepository(database, BlobStore(config.releases)),
         devices=SqliteDeviceRepository(database),
         signature_log=SqliteSignatureLog(database),
@@ -119,7 +148,8 @@ class KmsServer:
         self.health = HsmHealth(components.hsm.is_available, SERVICE_NAMES, limits.health_probe_seconds)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rpc"),
-            interceptors=[AuthorizationInterceptor()],
+            # Audit first (outermost), so that calls the authorization check refuses are recorded too.
+            interceptors=[AuditInterceptor(components.audit_log), AuthorizationInterceptor()],
             options=_server_options(config),
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
@@ -142,6 +172,15 @@ class KmsServer:
         devices_pb2_grpc.add_DistributionServiceServicer_to_server(
             DistributionServicer(self.distribution), self.server
         )
+        self.lifecycle = KeyLifecycle(components.hsm, components.keys, changed=self.signing.key_changed)
+        add_key_admin(
+            self.server,
+            self.lifecycle,
+            KeyAdministration(components.hsm, components.keys),
+            components.keys,
+        )
+        self.scheduler = LifecycleScheduler(self.lifecycle)
+        add_audit(self.server, components.audit_log, components.database)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(
             (
@@ -162,12 +201,14 @@ class KmsServer:
 
     def start(self) -> None:
         self.health.start()
+        self.scheduler.start()
         self.server.start()
 
     def stop(self) -> None:
         """Graceful: NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
         self.health.shutdown()
         self.server.stop(self.config.limits.shutdown_grace_seconds).wait()
+        self.scheduler.stop()
         self.components.close()
 
 

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kms.domain.devices import Device, Registration
 from kms.domain.errors import InvalidArgument, KmsError
 from kms.domain.ports import TransportBatch
+from kms.server.audit_interceptor import note
 from kms.server.auth import caller_of
 from kms.server.errors import status_of, translate_errors
 from kms.service.distribution import DEFAULT_SEGMENT_SIZE, Distribution, PayloadFormat
@@ -69,7 +70,9 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
     def GetRegistrationKey(  # noqa: N802 - gRPC method name
         self, request: devices_pb2.GetRegistrationKeyRequest, context: grpc.ServicerContext
     ) -> devices_pb2.RegistrationKey:
+        note(product=request.product)
         version = self._registry.registration_key(request.product)
+        note(key_version=version.name)
         return devices_pb2.RegistrationKey(key_version=version.name, pem=version.public_key_pem)
 
     @translate_errors
@@ -84,6 +87,7 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
                 "the first RegisterDevices message must carry the header (product, transport)"
             )
         header = first.header
+        note(product=header.product, key_version=header.transport_key_version)
         transport: TransportBatch | None = None
         if header.transport_key_version:
             transport = self._registry.transport_batch(
@@ -107,12 +111,14 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
     def GetDevice(  # noqa: N802 - gRPC method name
         self, request: devices_pb2.GetDeviceRequest, context: grpc.ServicerContext
     ) -> devices_pb2.DeviceInfo:
+        note(resource=f"devices/{request.device_id}")
         return device_pb(self._registry, self._registry.get(request.device_id))
 
     @translate_errors
     def RevokeDevice(  # noqa: N802 - gRPC method name
         self, request: devices_pb2.RevokeDeviceRequest, context: grpc.ServicerContext
     ) -> devices_pb2.DeviceInfo:
+        note(resource=f"devices/{request.device_id}")
         return device_pb(self._registry, self._registry.revoke(caller_of(context), request.device_id))
 
 
@@ -124,6 +130,7 @@ class DistributionServicer(devices_pb2_grpc.DistributionServiceServicer):
     def GetPayload(  # noqa: N802 - gRPC method name
         self, request: devices_pb2.GetPayloadRequest, context: grpc.ServicerContext
     ) -> Iterator[devices_pb2.GetPayloadResponse]:
+        note(resource=f"devices/{request.device_id}/{request.release}")
         payload_format = FORMATS.get(request.format)
         if payload_format is None:
             raise InvalidArgument(f"unknown payload format {request.format}")
@@ -139,6 +146,7 @@ class DistributionServicer(devices_pb2_grpc.DistributionServiceServicer):
                 request.device_secure_version if request.HasField("device_secure_version") else None
             ),
         )
+        note(product=payload.release.product, key_version=payload.manifest_key_version)
         chunks = payload.iter_bytes(request.offset, PAYLOAD_CHUNK)  # OUT_OF_RANGE before any message
         yield devices_pb2.GetPayloadResponse(
             info=devices_pb2.PayloadInfo(

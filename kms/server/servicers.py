@@ -19,6 +19,7 @@ from kms.domain.errors import DataLoss, InvalidArgument, LimitExceeded
 from kms.domain.keys import Algorithm, HashAlgorithm, Key, KeyPurpose, KeyVersion, KeyVersionState
 from kms.domain.releases import Release
 from kms.domain.signatures import SignatureEncoding
+from kms.server.audit_interceptor import note
 from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
 from kms.service.signing import SigningService
@@ -142,7 +143,9 @@ class SigningServicer(signing_pb2_grpc.SigningServiceServicer):
     ) -> Iterator[signing_pb2.SignImageResponse]:
         caller = caller_of(context)
         received = receive_image(request_iterator, self._signing.max_image_size)
+        note(product=received.header.product)
         signed = self._signing.sign_image(caller, received.header.product, received.data, received.sha256)
+        note(resource=signed.release.name, key_version=",".join(signed.release.key_versions))
         data = signed.data if signed.data is not None else self._signing.read_release(signed.release)
         yield signing_pb2.SignImageResponse(release=release_pb(signed.release, signed.reused))
         if received.header.content == signing_pb2.SIGNATURE_SECTOR:
@@ -157,6 +160,7 @@ class SigningServicer(signing_pb2_grpc.SigningServiceServicer):
         self, request: signing_pb2.SignDigestRequest, context: grpc.ServicerContext
     ) -> signing_pb2.SignDigestResponse:
         caller = caller_of(context)
+        note(resource=request.name)
         which = request.digest.WhichOneof("digest")
         if which is None:
             raise InvalidArgument("digest is required: set digest.sha256 or digest.sha384")
@@ -171,6 +175,7 @@ class SigningServicer(signing_pb2_grpc.SigningServiceServicer):
             raise InvalidArgument(f"unknown signature encoding {request.encoding}")
         hash_algorithm = HashAlgorithm.SHA256 if which == "sha256" else HashAlgorithm.SHA384
         result = self._signing.sign_digest(caller, request.name, digest, hash_algorithm, encoding)
+        note(key_version=result.key_version.name)
         return signing_pb2.SignDigestResponse(
             signature=result.signature,
             signature_crc32c=crc32c(result.signature),
@@ -220,11 +225,14 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
     def GetPublicKey(  # noqa: N802 - gRPC method name
         self, request: keys_pb2.GetPublicKeyRequest, context: grpc.ServicerContext
     ) -> keys_pb2.PublicKey:
-        _key, version = self._signing.public_key(request.name)
+        note(resource=request.name)
+        key, version = self._signing.public_key(request.name)
+        note(product=key.product, key_version=version.name)
         return public_key_pb(version)
 
     @translate_errors
     def ListKeys(  # noqa: N802 - gRPC method name
         self, request: keys_pb2.ListKeysRequest, context: grpc.ServicerContext
     ) -> keys_pb2.ListKeysResponse:
+        note(product=request.product)
         return keys_pb2.ListKeysResponse(keys=[key_pb(k) for k in self._signing.list_keys(request.product)])

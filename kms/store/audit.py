@@ -16,11 +16,12 @@ Sequence numbers and hashes are therefore assigned under the database's write lo
 fresh exception, nothing of the batch is stored) and ``close`` behave as in ``SqliteSignatureLog``. Never call
 ``append`` inside a ``Database.transaction`` block: the writer would wait for that block.
 
-One writer per database: the writer keeps the head it committed last and, in every batch, checks that the
-file's last record is still that one. If not, the log was changed behind its back (tampering, or a second
-writer): the batch fails with ``DataLoss`` and so does every later one, until an operator has verified the log
-and restarted the service (fail closed: this process then adopts the file's head). Because of this check a
-checkpoint signs the head this process computed, never one read back from a file someone may have edited.
+Several server processes may share one database (a payload download resumes on any of them), so every batch
+chains to the last record in the file, read inside its ``BEGIN IMMEDIATE`` transaction. When that is not the
+head this process committed last (another process appended meanwhile), the writer adopts it only if that
+record is intact (its stored hash recomputes from its fields and previous hash) and it continues the head
+this process knew (its sequence number is higher); otherwise the batch fails with ``DataLoss`` (fail
+closed). Edits deeper in the chain are what ``verify_chain`` and the signed checkpoints catch.
 
 Checkpoints
 -----------
@@ -151,6 +152,15 @@ def _stored_head(session: Session) -> ChainHead:
     """The last record in storage order: the head the next record chains to."""
     row = session.row("SELECT seq, hash FROM audit_records ORDER BY id DESC LIMIT 1")
     return EMPTY_HEAD if row is None else ChainHead(row.integer("seq"), row.blob("hash"))
+
+
+def _adopt(session: Session, known: ChainHead, stored: ChainHead) -> ChainHead:
+    """The head another process left, if its last record is intact and continues ``known``."""
+    row = session.row("SELECT * FROM audit_records ORDER BY id DESC LIMIT 1")
+    last = None if row is None else _record(row)
+    if last is None or not last.intact or stored.count <= known.count:
+        raise DataLoss("the audit log was changed outside this service: verify it before restarting")
+    return stored
 
 
 def _last_checkpoint(session: Session) -> int:
@@ -386,10 +396,9 @@ class SqliteAuditLog:
         head = self._head  # only this thread changes it
         try:
             with self._db.transaction() as session:
-                if _stored_head(session) != head:
-                    raise DataLoss(
-                        "the audit log was changed outside this service: verify it before restarting"
-                    )
+                stored = _stored_head(session)
+                if stored != head:
+                    head = _adopt(session, head, stored)
                 for pending in batch:
                     records.append(AuditRecord.chained(head.count + 1, head.hash, pending.event))
                     head = ChainHead(records[-1].seq, records[-1].hash)

@@ -1,0 +1,256 @@
+"""gRPC servicer of the security officer's key administration: ``KeyAdminService`` (kmsapi/v1/admin.proto).
+
+Each method parses the request, calls a use case of ``KeyLifecycle`` (or ``KeyAdministration`` to create
+keys) with the authenticated caller, and builds the response. The rules live in ``kms.domain.lifecycle``;
+errors become status codes in ``translate_errors``; only security officers get here (``METHOD_ROLES`` in
+``kms.server.auth``). ``add_key_admin`` registers the servicer on a server.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kms.domain.errors import InvalidArgument
+from kms.domain.identity import Caller
+from kms.domain.keys import Algorithm, Key, KeyName, KeyVersion, KeyVersionState, validate_product
+from kms.domain.lifecycle import LifecycleEvent, ManagedKey, Transition
+from kms.domain.ports import KeyRepository
+from kms.server.auth import caller_of
+from kms.server.errors import translate_errors
+from kms.server.servicers import PURPOSES, STATES, key_pb
+from kms.service.keys import PRODUCT_KEY_SET, KeyAdministration
+from kms.service.lifecycle import KeyLifecycle
+from kmsapi.v1 import admin_pb2, admin_pb2_grpc, common_pb2, keys_pb2
+
+_PURPOSES_OF_PB = {number: purpose for purpose, number in PURPOSES.items()}
+_SETTABLE_STATES = {
+    common_pb2.ENABLED: KeyVersionState.ENABLED,
+    common_pb2.DISABLED: KeyVersionState.DISABLED,
+}
+_EVENTS = {
+    LifecycleEvent.CREATED: admin_pb2.KEY_TRANSITION_CREATED,
+    LifecycleEvent.ENABLED: admin_pb2.KEY_TRANSITION_ENABLED,
+    LifecycleEvent.DISABLED: admin_pb2.KEY_TRANSITION_DISABLED,
+    LifecycleEvent.DESTROY_SCHEDULED: admin_pb2.KEY_TRANSITION_DESTROY_SCHEDULED,
+    LifecycleEvent.DESTROY_CANCELLED: admin_pb2.KEY_TRANSITION_DESTROY_CANCELLED,
+    LifecycleEvent.DESTROYED: admin_pb2.KEY_TRANSITION_DESTROYED,
+    LifecycleEvent.MADE_PRIMARY: admin_pb2.KEY_TRANSITION_MADE_PRIMARY,
+}
+# Longer than any period or delay the rules allow (those are checked by kms.domain.lifecycle), short enough
+# for ``timedelta``: refused here so that a huge uint64 is INVALID_ARGUMENT, not an OverflowError.
+_MAX_SECONDS = 10**10
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _seconds(value: int, field: str) -> timedelta:
+    if value > _MAX_SECONDS:
+        raise InvalidArgument(f"{field} of {value} seconds is out of range")
+    return timedelta(seconds=value)
+
+
+def _key_id(name: str) -> str:
+    """The key id of ``keys/{key_id}``; a version name is refused (these methods act on a whole key)."""
+    parsed = KeyName.parse(name)
+    if parsed.version is not None:
+        raise InvalidArgument(f"{name!r} names a key version; this method takes a key: 'keys/KEY_ID'")
+    return parsed.key_id
+
+
+def _new_primary(name: str, new_primary_version: str) -> int | None:
+    """The version number ``new_primary_version`` names (None when empty); it must be of ``name``'s key."""
+    if not new_primary_version:
+        return None
+    wanted = KeyName.parse(new_primary_version)
+    if wanted.version is None or wanted.key_id != KeyName.parse(name).key_id:
+        raise InvalidArgument(
+            f"new_primary_version {new_primary_version!r} must name a version of the same key as {name!r}: "
+            "'keys/KEY_ID/versions/N'"
+        )
+    return wanted.version
+
+
+def version_pb(version: KeyVersion) -> keys_pb2.KeyVersion:
+    return keys_pb2.KeyVersion(
+        name=version.name, state=STATES[version.state], create_time=_timestamp(version.created_at)
+    )
+
+
+def managed_key_pb(managed: ManagedKey) -> admin_pb2.ManagedKey:
+    key_id = managed.key.key_id
+    message = admin_pb2.ManagedKey(
+        key=key_pb(managed.key),
+        scheduled_destructions=[
+            admin_pb2.ScheduledDestruction(
+                key_version=str(KeyName(key_id, number)), destroy_time=_timestamp(at)
+            )
+            for number, at in sorted(managed.destroy_after.items())
+        ],
+    )
+    if managed.rotation is not None:
+        message.rotation_period_seconds = int(managed.rotation.period.total_seconds())
+        message.next_rotation_time.CopyFrom(_timestamp(managed.rotation.next_rotation_at))
+    return message
+
+
+def transition_pb(transition: Transition) -> admin_pb2.KeyTransition:
+    message = admin_pb2.KeyTransition(
+        key_version=transition.name,
+        event=_EVENTS[transition.event],
+        from_state=(
+            common_pb2.KEY_VERSION_STATE_UNSPECIFIED
+            if transition.from_state is None
+            else STATES[transition.from_state]
+        ),
+        to_state=STATES[transition.to_state],
+        actor=transition.actor,
+        time=_timestamp(transition.at),
+    )
+    if transition.destroy_after is not None:
+        message.destroy_time.CopyFrom(_timestamp(transition.destroy_after))
+    return message
+
+
+def create_product_key_set(
+    admin: KeyAdministration, lifecycle: KeyLifecycle, keys: KeyRepository, caller: Caller, product: str
+) -> tuple[list[Key], list[Key]]:
+    """Create the ``PRODUCT_KEY_SET`` keys ``product`` lacks, recording each creation; return (created, the
+    product's keys of the set's other purposes). A failure part-way leaves the keys created before it, and a
+    repeated call creates the rest. The same rule as ``kms keys create-product-set`` (``kms.cli``)."""
+    validate_product(product)
+    have = {key.purpose: key for key in keys.list_keys(product)}
+    created: list[Key] = []
+    for suffix, purpose, algorithm in PRODUCT_KEY_SET:
+        if purpose in have:
+            continue
+        key = admin.create_key(f"{product}-{suffix}", product, purpose, algorithm, None)
+        lifecycle.record_creation(caller, key)
+        created.append(key)
+    existing = [have[purpose] for _suffix, purpose, _algorithm in PRODUCT_KEY_SET if purpose in have]
+    return created, existing
+
+
+class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
+    def __init__(self, lifecycle: KeyLifecycle, admin: KeyAdministration, keys: KeyRepository) -> None:
+        self._lifecycle = lifecycle
+        self._admin = admin
+        self._keys = keys
+
+    @translate_errors
+    def CreateKey(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.CreateKeyRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ManagedKey:
+        caller = caller_of(context)
+        purpose = _PURPOSES_OF_PB.get(request.purpose)
+        if purpose is None:
+            choices = ", ".join(common_pb2.KeyPurpose.Name(number) for number in _PURPOSES_OF_PB)
+            raise InvalidArgument(f"purpose is required: one of {choices}")
+        slot = request.sbv2_slot if request.HasField("sbv2_slot") else None
+        key = self._admin.create_key(
+            request.key_id, request.product, purpose, Algorithm.parse(request.algorithm), slot
+        )
+        self._lifecycle.record_creation(caller, key)
+        return managed_key_pb(ManagedKey(key))
+
+    @translate_errors
+    def CreateProductKeySet(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.CreateProductKeySetRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.CreateProductKeySetResponse:
+        created, existing = create_product_key_set(
+            self._admin, self._lifecycle, self._keys, caller_of(context), request.product
+        )
+        return admin_pb2.CreateProductKeySetResponse(
+            created=[managed_key_pb(ManagedKey(key)) for key in created],
+            existing=[key.name for key in existing],
+        )
+
+    @translate_errors
+    def RotateKey(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.RotateKeyRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RotateKeyResponse:
+        key_id = _key_id(request.name)
+        version = self._lifecycle.rotate(caller_of(context), key_id)
+        return admin_pb2.RotateKeyResponse(
+            key_version=version_pb(version), key=managed_key_pb(self._lifecycle.get(key_id))
+        )
+
+    @translate_errors
+    def UpdateKeyVersionState(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.UpdateKeyVersionStateRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ManagedKey:
+        target = _SETTABLE_STATES.get(request.state)
+        if target is None:
+            raise InvalidArgument(
+                "state must be ENABLED or DISABLED; destruction is ScheduleKeyVersionDestruction's"
+            )
+        managed = self._lifecycle.set_state(
+            caller_of(context),
+            request.name,
+            target,
+            new_primary=_new_primary(request.name, request.new_primary_version),
+        )
+        return managed_key_pb(managed)
+
+    @translate_errors
+    def SetPrimaryVersion(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.SetPrimaryVersionRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ManagedKey:
+        return managed_key_pb(self._lifecycle.set_primary(caller_of(context), request.name))
+
+    @translate_errors
+    def ScheduleKeyVersionDestruction(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.ScheduleKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ManagedKey:
+        delay = (
+            _seconds(request.delay_seconds, "delay_seconds") if request.HasField("delay_seconds") else None
+        )
+        managed = self._lifecycle.schedule_destroy(
+            caller_of(context),
+            request.name,
+            delay=delay,
+            new_primary=_new_primary(request.name, request.new_primary_version),
+        )
+        return managed_key_pb(managed)
+
+    @translate_errors
+    def CancelKeyVersionDestruction(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.CancelKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ManagedKey:
+        return managed_key_pb(self._lifecycle.cancel_destroy(caller_of(context), request.name))
+
+    @translate_errors
+    def SetRotationSchedule(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.SetRotationScheduleRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ManagedKey:
+        key_id = _key_id(request.name)
+        period = _seconds(request.period_seconds, "period_seconds") if request.period_seconds else None
+        first = (
+            request.first_rotation_time.ToDatetime(tzinfo=UTC)
+            if period is not None and request.HasField("first_rotation_time")
+            else None
+        )
+        managed = self._lifecycle.set_rotation_schedule(caller_of(context), key_id, period, first)
+        return managed_key_pb(managed)
+
+    @translate_errors
+    def ListKeyTransitions(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.ListKeyTransitionsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListKeyTransitionsResponse:
+        transitions = self._lifecycle.transitions(request.name)
+        return admin_pb2.ListKeyTransitionsResponse(transitions=[transition_pb(t) for t in transitions])
+
+
+def add_key_admin(
+    server: grpc.Server, lifecycle: KeyLifecycle, admin: KeyAdministration, keys: KeyRepository
+) -> None:
+    """Serve ``KeyAdminService`` on ``server``: lifecycle changes through ``lifecycle`` (construct it with
+    ``changed=SigningService.key_changed`` so refusals take effect at once), key creation through ``admin``,
+    and ``keys`` to read a product's existing keys for ``CreateProductKeySet``."""
+    admin_pb2_grpc.add_KeyAdminServiceServicer_to_server(KeyAdminServicer(lifecycle, admin, keys), server)
