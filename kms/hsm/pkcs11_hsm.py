@@ -224,11 +224,14 @@ class Pkcs11Hsm:
     def hmac_with_wrapped_secret(self, kek_hsm_id: bytes, wrapped: bytes, message: bytes) -> bytes:
         """HMAC-SHA256 keyed by a KEK-wrapped secret, unwrapped only inside the HSM (a session object)."""
         _check_hsm_id(kek_hsm_id)
-        return self._connection.run(
-            lambda session: secret_keys.hmac_with_wrapped_secret(session, kek_hsm_id, wrapped, message),
-            "compute an HMAC",
-            retry=True,
-        )
+
+        def run(session: pkcs11.Session) -> bytes:
+            def resolve(key_id: bytes, object_class: ObjectClass) -> pkcs11.Object:
+                return self._connection.key(session, key_id, object_class).key
+
+            return secret_keys.hmac_with_wrapped_secret(resolve, kek_hsm_id, wrapped, message)
+
+        return self._connection.run(run, "derive a payload key", retry=True)
 
     def hmac(self, hsm_id: bytes, message: bytes) -> bytes:
         """HMAC-SHA256 with an HSM-held HMAC key."""
