@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from kms.domain import chips
@@ -39,7 +39,7 @@ class RegistrationRow:
     row: int
     device_id: str
     chip: str
-    secret: bytes
+    secret: bytes = field(repr=False)  # plaintext on the mTLS path: never in a repr, log or message
     ecies_public_key: bytes = b""
 
 
