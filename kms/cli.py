@@ -22,10 +22,9 @@ from pathlib import Path
 
 from kms.domain import errors, sbv2
 from kms.domain.keys import Algorithm, Key, KeyPurpose
-from kms.domain.ports import KeyRepository
 from kms.server.config import Config, load_config
 from kms.server.pki import create_dev_pki
-from kms.service.keys import PRODUCT_KEY_SET, KeyAdministration
+from kms.service.keys import KeyAdministration
 
 DEFAULT_STATE_DIR = Path(".kms")
 SETUP_SOFTHSM = Path(__file__).resolve().parent.parent / "hsm" / "setup-softhsm.sh"
@@ -123,7 +122,7 @@ def _create_demo_keys(config: Config) -> None:
             except errors.NotFound:
                 admin.create_key(key_id, product, KeyPurpose.SECURE_BOOT_V2, algorithm, slot)
                 print(f"created keys/{key_id} ({algorithm.value}, product {product}, SBv2 slot {slot})")
-            for key in create_product_set(admin, components.keys, product):
+            for key in admin.create_product_set(product)[0]:
                 print(f"created {key.name} ({key.purpose.value}, {key.algorithm.value})")
     finally:
         components.close()
@@ -176,23 +175,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_product_set(admin: KeyAdministration, keys: KeyRepository, product: str) -> list[Key]:
-    """The manifest, KEK, registration and payload-seed keys of a product; existing ones are kept."""
-    have = {k.purpose for k in keys.list_keys(product)}
-    return [
-        admin.create_key(f"{product}-{suffix}", product, purpose, algorithm, None)
-        for suffix, purpose, algorithm in PRODUCT_KEY_SET
-        if purpose not in have
-    ]
-
-
 def cmd_keys_create_product_set(args: argparse.Namespace) -> int:
     from kms.server.app import open_components
 
     components = open_components(load_config(args.config))
     try:
         admin = KeyAdministration(components.hsm, components.keys)
-        created = create_product_set(admin, components.keys, args.product)
+        created = admin.create_product_set(args.product)[0]
     finally:
         components.close()
     if args.json:

@@ -14,14 +14,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kms.domain.errors import InvalidArgument
-from kms.domain.identity import Caller
-from kms.domain.keys import Algorithm, Key, KeyName, KeyVersion, KeyVersionState, validate_product
+from kms.domain.keys import Algorithm, KeyName, KeyVersion, KeyVersionState
 from kms.domain.lifecycle import LifecycleEvent, ManagedKey, Transition
 from kms.domain.ports import KeyRepository
 from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
 from kms.server.servicers import PURPOSES, STATES, key_pb
-from kms.service.keys import PRODUCT_KEY_SET, KeyAdministration
+from kms.service.keys import KeyAdministration
 from kms.service.lifecycle import KeyLifecycle
 from kmsapi.v1 import admin_pb2, admin_pb2_grpc, common_pb2, keys_pb2
 
@@ -118,25 +117,6 @@ def transition_pb(transition: Transition) -> admin_pb2.KeyTransition:
     return message
 
 
-def create_product_key_set(
-    admin: KeyAdministration, lifecycle: KeyLifecycle, keys: KeyRepository, caller: Caller, product: str
-) -> tuple[list[Key], list[Key]]:
-    """Create the ``PRODUCT_KEY_SET`` keys ``product`` lacks, recording each creation; return (created, the
-    product's keys of the set's other purposes). A failure part-way leaves the keys created before it, and a
-    repeated call creates the rest. The same rule as ``kms keys create-product-set`` (``kms.cli``)."""
-    validate_product(product)
-    have = {key.purpose: key for key in keys.list_keys(product)}
-    created: list[Key] = []
-    for suffix, purpose, algorithm in PRODUCT_KEY_SET:
-        if purpose in have:
-            continue
-        key = admin.create_key(f"{product}-{suffix}", product, purpose, algorithm, None)
-        lifecycle.record_creation(caller, key)
-        created.append(key)
-    existing = [have[purpose] for _suffix, purpose, _algorithm in PRODUCT_KEY_SET if purpose in have]
-    return created, existing
-
-
 class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def __init__(self, lifecycle: KeyLifecycle, admin: KeyAdministration, keys: KeyRepository) -> None:
         self._lifecycle = lifecycle
@@ -163,9 +143,10 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def CreateProductKeySet(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.CreateProductKeySetRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CreateProductKeySetResponse:
-        created, existing = create_product_key_set(
-            self._admin, self._lifecycle, self._keys, caller_of(context), request.product
-        )
+        caller = caller_of(context)
+        created, existing = self._admin.create_product_set(request.product)
+        for key in created:
+            self._lifecycle.record_creation(caller, key)
         return admin_pb2.CreateProductKeySetResponse(
             created=[managed_key_pb(ManagedKey(key)) for key in created],
             existing=[key.name for key in existing],

@@ -35,6 +35,15 @@ SINGLE_KEY_PURPOSES = frozenset(
 """Purposes with one key per product (new material comes as new versions of it)."""
 
 
+PRODUCT_KEY_SET = (
+    ("manifest", KeyPurpose.OTA_MANIFEST, Algorithm.ECDSA_P256_SHA256),
+    ("kek", KeyPurpose.KEY_ENCRYPTION, Algorithm.AES_256),
+    ("registration", KeyPurpose.REGISTRATION_TRANSPORT, Algorithm.RSA_3072_OAEP_SHA256),
+    ("payload-seed", KeyPurpose.PAYLOAD_SEED, Algorithm.HMAC_SHA256),
+)
+"""(key id suffix, purpose, algorithm) of the keys a product needs for the factory and distribution paths."""
+
+
 class KeyAdministration:
     def __init__(
         self, hsm: Hsm, keys: KeyRepository, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -94,11 +103,17 @@ class KeyAdministration:
             raise
         return key
 
+    def create_product_set(self, product: str) -> tuple[list[Key], list[Key]]:
+        """Create the ``PRODUCT_KEY_SET`` keys ``product`` lacks; return (created, already there).
 
-PRODUCT_KEY_SET = (
-    ("manifest", KeyPurpose.OTA_MANIFEST, Algorithm.ECDSA_P256_SHA256),
-    ("kek", KeyPurpose.KEY_ENCRYPTION, Algorithm.AES_256),
-    ("registration", KeyPurpose.REGISTRATION_TRANSPORT, Algorithm.RSA_3072_OAEP_SHA256),
-    ("payload-seed", KeyPurpose.PAYLOAD_SEED, Algorithm.HMAC_SHA256),
-)
-"""(key id suffix, purpose, algorithm) of the keys a product needs for the factory and distribution paths."""
+        A failure part-way leaves the keys created before it; calling again creates the rest.
+        """
+        validate_product(product)
+        have = {key.purpose: key for key in self._keys.list_keys(product)}
+        created = [
+            self.create_key(f"{product}-{suffix}", product, purpose, algorithm, None)
+            for suffix, purpose, algorithm in PRODUCT_KEY_SET
+            if purpose not in have
+        ]
+        existing = [have[purpose] for _suffix, purpose, _algorithm in PRODUCT_KEY_SET if purpose in have]
+        return created, existing
