@@ -26,11 +26,12 @@ from kms.server.admin_servicers import add_key_admin
 from kms.server.audit_interceptor import AuditInterceptor
 from kms.server.audit_servicers import add_audit
 from kms.server.audit_setup import open_audit_log
-from kms.server.auth import AuthorizationInterceptor
+from kms.server.auth import AuthorizationInterceptor, use_product_policy
 from kms.server.config import Config
 from kms.server.devices_servicers import DeviceRegistryServicer, DistributionServicer
 from kms.server.health import HsmHealth
 from kms.server.lifecycle_scheduler import LifecycleScheduler
+from kms.server.policy_file import load_policy
 from kms.server.servicers import KeyServicer, SigningServicer
 from kms.service.distribution import Distribution
 from kms.service.keys import KeyAdministration
@@ -137,6 +138,7 @@ class KmsServer:
         self.config = config
         self.components = components
         limits = config.limits
+        use_product_policy(load_policy(config.policy_file))
         self.signing = SigningService(
             components.hsm,
             components.keys,

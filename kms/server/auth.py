@@ -19,6 +19,7 @@ import grpc
 
 from kms.domain.errors import Unauthenticated
 from kms.domain.identity import Caller, Role
+from kms.domain.policy import UNSCOPED, ProductPolicy, scoped_caller
 
 ALL_ROLES = frozenset(Role)
 
@@ -53,6 +54,14 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 
 _ROLES_BY_NAME = {role.value: role for role in Role}
 
+_product_policy: ProductPolicy = UNSCOPED
+
+
+def use_product_policy(policy: ProductPolicy) -> None:
+    """Scope every caller by ``policy`` (``kms.domain.policy``); the composition root calls it once."""
+    global _product_policy  # set once at startup, before the server starts
+    _product_policy = policy
+
 
 def caller_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
     """The caller named by a TLS peer's certificate. Raises ``Unauthenticated``."""
@@ -66,7 +75,7 @@ def caller_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> Cal
         role = _ROLES_BY_NAME.get(parts[1]) if len(parts) >= 3 else None
         if role is None:
             raise Unauthenticated(f"certificate identity {san!r} names no known role")
-        return Caller(identity=san, role=role)
+        return scoped_caller(Caller(identity=san, role=role), _product_policy)
     raise Unauthenticated("the client certificate carries no spiffe:// URI SAN identity")
 
 

@@ -25,6 +25,9 @@ documented here and in the README's configuration reference::
     [store]
     database = "kms.db"
     releases = "releases"
+
+    [policy]                       # optional: without it every identity acts for every product
+    file = "policy.toml"           # product scope of each identity (kms.server.policy_file)
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Config:
     database: Path
     releases: Path
     base_dir: Path
+    policy_file: Path | None = None
 
 
 def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -89,8 +93,8 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"configuration {path} is not valid TOML: {e}") from e
     base = path.resolve().parent
-    server, tls, hsm, store = (_table(doc, n) for n in ("server", "tls", "hsm", "store"))
-    unknown = set(doc) - {"server", "tls", "hsm", "store"}
+    server, tls, hsm, store, policy = (_table(doc, n) for n in ("server", "tls", "hsm", "store", "policy"))
+    unknown = set(doc) - {"server", "tls", "hsm", "store", "policy"}
     if unknown:
         raise InvalidArgument(f"configuration: unknown section(s) {sorted(unknown)}")
 
@@ -110,6 +114,9 @@ def load_config(path: Path) -> Config:
         return p if p.is_absolute() else base / p
 
     conf = hsm.get("softhsm2_conf")
+    policy_file = policy.get("file")
+    if policy_file is not None and not isinstance(policy_file, str):
+        raise InvalidArgument(f"configuration: [policy] file must be a str, got {policy_file!r}")
     return Config(
         listen=_get(server, "server", "listen", str, "127.0.0.1:50051"),
         limits=limits,
@@ -121,4 +128,5 @@ def load_config(path: Path) -> Config:
         database=resolve(_get(store, "store", "database", str, "kms.db")),
         releases=resolve(_get(store, "store", "releases", str, "releases")),
         base_dir=base,
+        policy_file=resolve(policy_file) if policy_file is not None else None,
     )

@@ -71,7 +71,7 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.GetRegistrationKeyRequest, context: grpc.ServicerContext
     ) -> devices_pb2.RegistrationKey:
         note(product=request.product)
-        version = self._registry.registration_key(request.product)
+        version = self._registry.registration_key(request.product, caller_of(context))
         note(key_version=version.name)
         return devices_pb2.RegistrationKey(key_version=version.name, pem=version.public_key_pem)
 
@@ -112,7 +112,7 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.GetDeviceRequest, context: grpc.ServicerContext
     ) -> devices_pb2.DeviceInfo:
         note(resource=f"devices/{request.device_id}")
-        return device_pb(self._registry, self._registry.get(request.device_id))
+        return device_pb(self._registry, self._registry.get(request.device_id, caller_of(context)))
 
     @translate_errors
     def RevokeDevice(  # noqa: N802 - gRPC method name

@@ -235,4 +235,5 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         self, request: keys_pb2.ListKeysRequest, context: grpc.ServicerContext
     ) -> keys_pb2.ListKeysResponse:
         note(product=request.product)
-        return keys_pb2.ListKeysResponse(keys=[key_pb(k) for k in self._signing.list_keys(request.product)])
+        keys = self._signing.list_keys(request.product, caller_of(context))
+        return keys_pb2.ListKeysResponse(keys=[key_pb(k) for k in keys])

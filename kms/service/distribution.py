@@ -30,6 +30,7 @@ from kms.domain.devices import Device, DeviceState, validate_device_id
 from kms.domain.errors import DataLoss, FailedPrecondition, InvalidArgument
 from kms.domain.identity import Caller
 from kms.domain.keys import KeyPurpose
+from kms.domain.policy import require_product
 from kms.domain.ports import (
     DeviceRepository,
     Hsm,
@@ -132,6 +133,7 @@ class Distribution:
         device_secure_version: int | None = None,
     ) -> Payload:
         device = self._devices.get(validate_device_id(device_id))
+        require_product(caller, device.product)
         release = self._releases.get(parse_release_name(release_name))
         self._check(device, release, device_secure_version)
         if payload_format is PayloadFormat.FKSP_V1:

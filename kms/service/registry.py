@@ -27,6 +27,7 @@ from kms.domain.errors import FailedPrecondition, InvalidArgument, KmsError, Lim
 from kms.domain.esp_encrypted_img import normalize_device_public_key
 from kms.domain.identity import Caller
 from kms.domain.keys import Key, KeyPurpose, KeyVersion, KeyVersionState, validate_product
+from kms.domain.policy import require_product
 from kms.domain.ports import DeviceRepository, Hsm, KeyRepository, SignatureLog, TransportBatch
 from kms.domain.releases import SignatureRecord
 
@@ -80,8 +81,9 @@ class DeviceRegistry:
         self._log = signature_log
         self._clock = clock
 
-    def registration_key(self, product: str) -> KeyVersion:
+    def registration_key(self, product: str, caller: Caller) -> KeyVersion:
         validate_product(product)
+        require_product(caller, product)
         return primary_key_of(self._keys, product, KeyPurpose.REGISTRATION_TRANSPORT)[1]
 
     def transport_batch(self, product: str, key_version: str, wrapped_batch_key: bytes) -> TransportBatch:
@@ -100,6 +102,7 @@ class DeviceRegistry:
         self, caller: Caller, product: str, rows: Sequence[RegistrationRow], transport: TransportBatch | None
     ) -> list[RowResult]:
         validate_product(product)
+        require_product(caller, product)
         if len(rows) > MAX_ROWS_PER_BATCH:
             raise LimitExceeded(f"at most {MAX_ROWS_PER_BATCH} rows per message; got {len(rows)}")
         kek_key, kek = primary_key_of(self._keys, product, KeyPurpose.KEY_ENCRYPTION)
@@ -169,11 +172,13 @@ class DeviceRegistry:
             results[index] = RowResult(rows[index].row, device.device_id, outcome)
         return [results[i] for i in range(len(rows))]
 
-    def get(self, device_id: str) -> Device:
-        return self._devices.get(validate_device_id(device_id))
+    def get(self, device_id: str, caller: Caller) -> Device:
+        device = self._devices.get(validate_device_id(device_id))
+        require_product(caller, device.product)
+        return device
 
     def revoke(self, caller: Caller, device_id: str) -> Device:
-        del caller  # recorded by the audit log (issue 4)
+        require_product(caller, self._devices.get(validate_device_id(device_id)).product)
         return self._devices.revoke(validate_device_id(device_id), self._clock())
 
     def kek_version_name(self, device: Device) -> str:

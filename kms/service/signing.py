@@ -36,6 +36,7 @@ from kms.domain.keys import (
     KeyVersionState,
     validate_product,
 )
+from kms.domain.policy import in_scope, require_product
 from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
 from kms.domain.releases import Release, SignatureRecord, check_floor
 from kms.domain.signatures import SignatureEncoding
@@ -135,6 +136,7 @@ class SigningService:
     ) -> SignedImage:
         """Sign ``image``; ``image_hash`` is a SHA-256 object fed exactly ``image`` (saves a pass over it)."""
         validate_product(product)
+        require_product(caller, product)
         app = esp_image.parse_app_image(image, self.max_image_size)
         keys = self._keys.sbv2_keys(product)
         if not keys:
@@ -215,6 +217,7 @@ class SigningService:
     ) -> DigestSignature:
         key_name = KeyName.parse(name)
         key = self._key_cache.get(key_name.key_id)
+        require_product(caller, key.product)
         if key.purpose not in DIGEST_PURPOSES:
             raise FailedPrecondition(
                 f"key {key.name} is a {key.purpose.value} key; only secure-boot-v2 and digest-signing keys "
@@ -251,7 +254,8 @@ class SigningService:
         except LookupError:
             raise NotFound(f"key {key.name} has no version {key_name.version}") from None
 
-    def list_keys(self, product: str | None) -> Sequence[Key]:
+    def list_keys(self, product: str | None, caller: Caller) -> Sequence[Key]:
+        """The keys of ``product`` (or of every product) within the caller's product scope."""
         if product:
             validate_product(product)
-        return self._keys.list_keys(product or None)
+        return [k for k in self._keys.list_keys(product or None) if in_scope(caller, k.product)]
