@@ -825,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kmsctl._audit_cli import add_audit_commands  # imports this module lazily: see its docstring
 
     add_audit_commands(commands, add, _connect)
+    from kmsctl._kek_cli import add_kek_commands  # imports this module lazily: see its docstring
+
+    add_kek_commands(commands, [connection, output])
 
     devices = commands.add_parser(
         "devices", help="Register and manage devices (factory).", description="Register and manage devices."

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from kms.domain.devices import Device, Registration
 from kms.domain.errors import KmsError
+from kms.domain.kek_rotation import KekRotation, Rewrap, StoredSecret
 from kms.domain.keys import Algorithm, Key, KeyVersion
 from kms.domain.lifecycle import LifecycleChange, ManagedKey, RotationSchedule, Transition
 from kms.domain.releases import Release, SignatureRecord
@@ -85,6 +86,14 @@ class Hsm(Protocol):
 
     def hmac_with_wrapped_secret(self, kek_hsm_id: bytes, wrapped: bytes, message: bytes) -> bytes:
         """HMAC-SHA256 keyed by a KEK-wrapped secret, unwrapped only inside the HSM into a session object."""
+        ...
+
+    def rewrap_secrets(
+        self, old_kek_hsm_id: bytes, new_kek_hsm_id: bytes, blobs: Sequence[bytes]
+    ) -> list[bytes | KmsError]:
+        """Each KEK-wrapped secret unwrapped under the old KEK and wrapped under the new one, inside the HSM
+        (the secret exists only as a session object there). One result per blob, in order: the new blob, or
+        a ``KmsError`` for a blob that does not unwrap; HSM outages raise."""
         ...
 
     def hmac(self, hsm_id: bytes, message: bytes) -> bytes:
@@ -217,6 +226,45 @@ class DeviceRepository(Protocol):
         at: datetime,
     ) -> bytes:
         """Store unless present; return the stored signature (the first writer wins)."""
+        ...
+
+
+class KekRotationRepository(Protocol):
+    """KEK rotation jobs and the device secrets they move (``kms.domain.kek_rotation``)."""
+
+    def secrets_under(
+        self, kek_key_id: str, kek_version: int, limit: int, after_device_id: str = ""
+    ) -> list[StoredSecret]:
+        """Up to ``limit`` secrets wrapped under this KEK version, by device id, after ``after_device_id``."""
+        ...
+
+    def count_under(self, kek_key_id: str, kek_version: int) -> int:
+        """How many device secrets are wrapped under this KEK version."""
+        ...
+
+    def versions_in_use(self, kek_key_id: str) -> list[int]:
+        """The versions of this KEK that wrap at least one device secret, ascending."""
+        ...
+
+    def start(self, rotation: KekRotation) -> None:
+        """Record a new job. ``FailedPrecondition`` if the key has an unfinished job already."""
+        ...
+
+    def record_batch(self, rotation: KekRotation, rewraps: Sequence[Rewrap]) -> int:
+        """In one transaction: store each rewrapped secret if its row still holds the secret read
+        (compare-and-set) and add the rows changed to the job's count; return that number."""
+        ...
+
+    def finish(self, rotation: KekRotation, at: datetime) -> KekRotation:
+        """Mark the job finished (idempotent); return it as stored."""
+        ...
+
+    def latest(self, kek_key_id: str) -> KekRotation | None:
+        """The key's most recent job (highest ``to_version``), if any."""
+        ...
+
+    def unfinished(self) -> list[KekRotation]:
+        """Every job not finished yet, oldest first."""
         ...
 
 

@@ -233,6 +233,21 @@ class Pkcs11Hsm:
 
         return self._connection.run(run, "derive a payload key", retry=True)
 
+    def rewrap_secrets(
+        self, old_kek_hsm_id: bytes, new_kek_hsm_id: bytes, blobs: Sequence[bytes]
+    ) -> list[bytes | KmsError]:
+        """Rewrap KEK-wrapped device secrets from one KEK to another inside the HSM (one result per blob)."""
+        _check_hsm_id(old_kek_hsm_id)
+        _check_hsm_id(new_kek_hsm_id)
+
+        def run(session: pkcs11.Session) -> list[bytes | KmsError]:
+            def resolve(key_id: bytes, object_class: ObjectClass) -> pkcs11.Object:
+                return self._connection.key(session, key_id, object_class).key
+
+            return secret_keys.rewrap_secrets(resolve, old_kek_hsm_id, new_kek_hsm_id, blobs)
+
+        return self._connection.run(run, "rewrap device secrets", retry=True)
+
     def hmac(self, hsm_id: bytes, message: bytes) -> bytes:
         """HMAC-SHA256 with an HSM-held HMAC key."""
         _check_hsm_id(hsm_id)

@@ -259,3 +259,47 @@ def hmac_with_wrapped_secret(resolve: Resolve, kek_hsm_id: bytes, wrapped: bytes
 def hmac(resolve: Resolve, hsm_id: bytes, message: bytes) -> bytes:
     key = resolve(hsm_id, ObjectClass.SECRET_KEY)
     return bytes(key.sign(message, mechanism=Mechanism.SHA256_HMAC))
+
+
+def rewrap_secrets(
+    resolve: Resolve, old_kek_hsm_id: bytes, new_kek_hsm_id: bytes, blobs: Sequence[bytes]
+) -> list[bytes | KmsError]:
+    """Each blob unwrapped under the old KEK into a session object and wrapped under the new one.
+
+    The session object is sensitive, extractable only so that the new KEK can wrap it, has no usage flag and
+    is destroyed at once: the secret never leaves the HSM. A blob that does not unwrap gives ``HsmFailure``
+    in its slot (SoftHSM2 answers a failed RFC 3394 integrity check with CKR_GENERAL_ERROR, session intact).
+    """
+    old_kek = resolve(old_kek_hsm_id, ObjectClass.SECRET_KEY)
+    new_kek = resolve(new_kek_hsm_id, ObjectClass.SECRET_KEY)
+    results: list[bytes | KmsError] = []
+    for blob in blobs:
+        if len(blob) != WRAPPED_SECRET_BYTES:
+            results.append(InvalidArgument(f"a wrapped device secret is {WRAPPED_SECRET_BYTES} bytes"))
+            continue
+        try:
+            obj = old_kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.GENERIC_SECRET,
+                blob,
+                mechanism=WRAP_MECHANISM,
+                store=False,
+                capabilities=Capability(0),
+                template=_template(extractable=True, sign=False),
+            )
+        except (
+            p11e.WrappedKeyInvalid,
+            p11e.WrappedKeyLenRange,
+            p11e.EncryptedDataInvalid,
+            p11e.EncryptedDataLenRange,
+            p11e.GeneralError,  # SoftHSM2's answer to a failed RFC 3394 integrity check, session intact
+        ) as e:
+            failure = HsmFailure("a stored device secret does not unwrap under its KEK")
+            failure.__cause__ = e
+            results.append(failure)
+            continue
+        try:
+            results.append(bytes(new_kek.wrap_key(obj, mechanism=WRAP_MECHANISM)))
+        finally:
+            obj.destroy()
+    return results

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from kms.domain.errors import InvalidArgument
+from kms.domain.errors import FailedPrecondition, InvalidArgument
 from kms.domain.keys import Algorithm, KeyName, KeyVersion, KeyVersionState
 from kms.domain.lifecycle import LifecycleEvent, ManagedKey, Transition
 from kms.domain.ports import KeyRepository
@@ -118,10 +118,20 @@ def transition_pb(transition: Transition) -> admin_pb2.KeyTransition:
 
 
 class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
-    def __init__(self, lifecycle: KeyLifecycle, admin: KeyAdministration, keys: KeyRepository) -> None:
+    def __init__(
+        self,
+        lifecycle: KeyLifecycle,
+        admin: KeyAdministration,
+        keys: KeyRepository,
+        *,
+        require_dual_control: bool = False,
+    ) -> None:
+        """With ``require_dual_control``, ScheduleKeyVersionDestruction is refused: destruction goes through
+        ``ApprovalService`` (``kms.server.approval_servicers``), approved by other officers."""
         self._lifecycle = lifecycle
         self._admin = admin
         self._keys = keys
+        self._require_dual_control = require_dual_control
 
     @translate_errors
     def CreateKey(  # noqa: N802 - gRPC method name
@@ -189,6 +199,10 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def ScheduleKeyVersionDestruction(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.ScheduleKeyVersionDestructionRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ManagedKey:
+        if self._require_dual_control:
+            raise FailedPrecondition(
+                "needs dual control: use ApprovalService.RequestKeyVersionDestruction"
+            )
         delay = (
             _seconds(request.delay_seconds, "delay_seconds") if request.HasField("delay_seconds") else None
         )
@@ -229,9 +243,16 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
 
 
 def add_key_admin(
-    server: grpc.Server, lifecycle: KeyLifecycle, admin: KeyAdministration, keys: KeyRepository
+    server: grpc.Server,
+    lifecycle: KeyLifecycle,
+    admin: KeyAdministration,
+    keys: KeyRepository,
+    *,
+    require_dual_control: bool = False,
 ) -> None:
     """Serve ``KeyAdminService`` on ``server``: lifecycle changes through ``lifecycle`` (construct it with
     ``changed=SigningService.key_changed`` so refusals take effect at once), key creation through ``admin``,
-    and ``keys`` to read a product's existing keys for ``CreateProductKeySet``."""
-    admin_pb2_grpc.add_KeyAdminServiceServicer_to_server(KeyAdminServicer(lifecycle, admin, keys), server)
+    and ``keys`` to read a product's existing keys for ``CreateProductKeySet``; ``require_dual_control``
+    refuses ScheduleKeyVersionDestruction in favour of ``ApprovalService``."""
+    servicer = KeyAdminServicer(lifecycle, admin, keys, require_dual_control=require_dual_control)
+    admin_pb2_grpc.add_KeyAdminServiceServicer_to_server(servicer, server)

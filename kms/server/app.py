@@ -30,10 +30,13 @@ from kms.server.auth import AuthorizationInterceptor, use_product_policy
 from kms.server.config import Config
 from kms.server.devices_servicers import DeviceRegistryServicer, DistributionServicer
 from kms.server.health import HsmHealth
+from kms.server.kek_rotation_runner import KekRotationRunner
+from kms.server.kek_servicers import add_kek_rotation
 from kms.server.lifecycle_scheduler import LifecycleScheduler
 from kms.server.policy_file import load_policy
 from kms.server.servicers import KeyServicer, SigningServicer
 from kms.service.distribution import Distribution
+from kms.service.kek_rotation import KekRotationService, destroy_guard
 from kms.service.keys import KeyAdministration
 from kms.service.lifecycle import KeyLifecycle
 from kms.service.registry import DeviceRegistry
@@ -42,6 +45,7 @@ from kms.store.audit import SqliteAuditLog
 from kms.store.blobs import BlobStore
 from kms.store.database import Database
 from kms.store.devices import SqliteDeviceRepository
+from kms.store.kek_rotations import SqliteKekRotationRepository
 from kms.store.keys import SqliteKeyRepository
 from kms.store.releases import SqliteReleaseRepository
 from kms.store.signature_log import SqliteSignatureLog
@@ -50,6 +54,7 @@ from kmsapi.v1 import (
     audit_pb2,
     devices_pb2,
     devices_pb2_grpc,
+    kek_pb2,
     keys_pb2,
     keys_pb2_grpc,
     signing_pb2,
@@ -65,6 +70,7 @@ SERVICE_NAMES = (
     devices_pb2.DESCRIPTOR.services_by_name["DistributionService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    kek_pb2.DESCRIPTOR.services_by_name["KekRotationService"].full_name,
 )
 
 
@@ -77,6 +83,7 @@ class Components:
     devices: SqliteDeviceRepository
     signature_log: SqliteSignatureLog
     audit_log: SqliteAuditLog
+    kek_rotations: SqliteKekRotationRepository
 
     def close(self) -> None:
         self.audit_log.close()  # signs a final checkpoint: before the database and the HSM close
@@ -115,6 +122,7 @@ def open_components(config: Config) -> Components:
         releases=SqliteReleaseRepository(database, BlobStore(config.releases)),
         devices=SqliteDeviceRepository(database),
         signature_log=SqliteSignatureLog(database),
+        kek_rotations=SqliteKekRotationRepository(database),
     )
 
 
@@ -174,7 +182,12 @@ class KmsServer:
         devices_pb2_grpc.add_DistributionServiceServicer_to_server(
             DistributionServicer(self.distribution), self.server
         )
-        self.lifecycle = KeyLifecycle(components.hsm, components.keys, changed=self.signing.key_changed)
+        self.lifecycle = KeyLifecycle(
+            components.hsm,
+            components.keys,
+            changed=self.signing.key_changed,
+            destroy_guard=destroy_guard(components.kek_rotations),
+        )
         add_key_admin(
             self.server,
             self.lifecycle,
@@ -182,6 +195,15 @@ class KmsServer:
             components.keys,
         )
         self.scheduler = LifecycleScheduler(self.lifecycle)
+        self.kek_rotation = KekRotationService(
+            components.hsm,
+            components.keys,
+            components.kek_rotations,
+            self.lifecycle,
+            components.signature_log,
+        )
+        self.kek_runner = KekRotationRunner(self.kek_rotation)
+        add_kek_rotation(self.server, self.kek_rotation, self.kek_runner.wake)
         add_audit(self.server, components.audit_log, components.database)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(
@@ -204,6 +226,7 @@ class KmsServer:
     def start(self) -> None:
         self.health.start()
         self.scheduler.start()
+        self.kek_runner.start()
         self.server.start()
 
     def stop(self) -> None:
@@ -211,6 +234,7 @@ class KmsServer:
         self.health.shutdown()
         self.server.stop(self.config.limits.shutdown_grace_seconds).wait()
         self.scheduler.stop()
+        self.kek_runner.stop()
         self.components.close()
 
 

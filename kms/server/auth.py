@@ -46,6 +46,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "/kmsapi.v1.KeyAdminService/CancelKeyVersionDestruction": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.KeyAdminService/SetRotationSchedule": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.KeyAdminService/ListKeyTransitions": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.KekRotationService/StartKekRotation": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.KekRotationService/GetKekRotation": frozenset({Role.SECURITY_OFFICER}),
     "/grpc.health.v1.Health/Check": ALL_ROLES,
     "/grpc.health.v1.Health/Watch": ALL_ROLES,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ALL_ROLES,

@@ -28,6 +28,10 @@ documented here and in the README's configuration reference::
 
     [policy]                       # optional: without it every identity acts for every product
     file = "policy.toml"           # product scope of each identity (kms.server.policy_file)
+
+    [dual_control]                 # optional: acts that destroy or weaken (kms.domain.approvals)
+    required_approvals = 2         # M: distinct officers other than the requester who must approve
+    ttl_seconds = 86400            # a request not executed within this time expires
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ class ServerLimits:
 
 
 @dataclass(frozen=True)
+class DualControlConfig:
+    required_approvals: int = 2
+    ttl_seconds: int = 24 * 3600
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str
     limits: ServerLimits
@@ -64,6 +74,7 @@ class Config:
     releases: Path
     base_dir: Path
     policy_file: Path | None = None
+    dual_control: DualControlConfig = DualControlConfig()
 
 
 def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -93,8 +104,9 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"configuration {path} is not valid TOML: {e}") from e
     base = path.resolve().parent
-    server, tls, hsm, store, policy = (_table(doc, n) for n in ("server", "tls", "hsm", "store", "policy"))
-    unknown = set(doc) - {"server", "tls", "hsm", "store", "policy"}
+    sections = ("server", "tls", "hsm", "store", "policy", "dual_control")
+    server, tls, hsm, store, policy, dual = (_table(doc, n) for n in sections)
+    unknown = set(doc) - set(sections)
     if unknown:
         raise InvalidArgument(f"configuration: unknown section(s) {sorted(unknown)}")
 
@@ -113,6 +125,20 @@ def load_config(path: Path) -> Config:
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
 
+    dual_defaults = DualControlConfig()
+    dual_control = DualControlConfig(
+        required_approvals=_get(
+            dual, "dual_control", "required_approvals", int, dual_defaults.required_approvals
+        ),
+        ttl_seconds=_get(dual, "dual_control", "ttl_seconds", int, dual_defaults.ttl_seconds),
+    )
+    for field in ("required_approvals", "ttl_seconds"):
+        if getattr(dual_control, field) < 1:
+            raise InvalidArgument(f"configuration: [dual_control] {field} must be positive")
+    unknown_dual = set(dual) - {"required_approvals", "ttl_seconds"}
+    if unknown_dual:
+        raise InvalidArgument(f"configuration: [dual_control] unknown key(s) {sorted(unknown_dual)}")
+
     conf = hsm.get("softhsm2_conf")
     policy_file = policy.get("file")
     if policy_file is not None and not isinstance(policy_file, str):
@@ -129,4 +155,5 @@ def load_config(path: Path) -> Config:
         releases=resolve(_get(store, "store", "releases", str, "releases")),
         base_dir=base,
         policy_file=resolve(policy_file) if policy_file is not None else None,
+        dual_control=dual_control,
     )

@@ -86,13 +86,17 @@ class KeyLifecycle:
         destroy_delay: timedelta = lifecycle.DEFAULT_DESTROY_DELAY,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         changed: Callable[[str], None] = lambda key_id: None,
+        destroy_guard: Callable[[KeyVersion], None] | None = None,
     ) -> None:
-        """``changed(key_id)`` is called after every change this service stores (drop cached keys there)."""
+        """``changed(key_id)`` is called after every change this service stores (drop cached keys there).
+        ``destroy_guard(version)`` is asked before a destruction is scheduled and refuses by raising (a KEK
+        version that still wraps device secrets: ``kms.service.kek_rotation``)."""
         self._hsm = hsm
         self._keys = keys
         self._destroy_delay = lifecycle.check_destroy_delay(destroy_delay)
         self._clock = clock
         self._changed = changed
+        self._destroy_guard = destroy_guard
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -157,6 +161,8 @@ class KeyLifecycle:
     ) -> ManagedKey:
         """Schedule a version's destruction after ``delay`` (default: the service's destruction delay)."""
         key_id, number = _version_name(name)
+        if self._destroy_guard is not None:
+            self._destroy_guard(self.get(key_id).version(number))
         return self._change(
             key_id,
             lambda managed, now: lifecycle.schedule_destroy(

@@ -128,6 +128,9 @@ class Row:
     def integer(self, name: str) -> int:
         return self._get(name, int)
 
+    def optional_text(self, name: str) -> str | None:
+        return None if self._values[name] is None else self.text(name)
+
     def optional_integer(self, name: str) -> int | None:
         return None if self._values[name] is None else self.integer(name)
 
@@ -330,11 +333,58 @@ CREATE TABLE audit_checkpoints (
 ) STRICT;
 """
 
+_KEK_ROTATION_SCHEMA = """
+-- KEK rotation jobs (kms.domain.kek_rotation, kms.store.kek_rotations). A job moves every device secret of
+-- the key wrapped under a version below to_version; rewrapped moves in the same transaction as the rows.
+CREATE TABLE kek_rotations (
+    kek_key_id   TEXT NOT NULL,
+    to_version   INTEGER NOT NULL,
+    from_version INTEGER NOT NULL CHECK (from_version < to_version),
+    product      TEXT NOT NULL,
+    started_by   TEXT NOT NULL,
+    started_at   TEXT NOT NULL,
+    finished_at  TEXT,
+    rewrapped    INTEGER NOT NULL DEFAULT 0 CHECK (rewrapped >= 0),
+    PRIMARY KEY (kek_key_id, to_version),
+    FOREIGN KEY (kek_key_id, to_version) REFERENCES key_versions (key_id, version)
+) STRICT;
+CREATE UNIQUE INDEX kek_rotations_one_running ON kek_rotations (kek_key_id) WHERE finished_at IS NULL;
+"""
+
+_APPROVALS_SCHEMA = """
+-- Dual control (kms.domain.approvals, kms.store.approvals): requests for acts that need M officers'
+-- approval, and the officers' votes (one per officer and request: the primary key refuses a second).
+CREATE TABLE approval_requests (
+    id          TEXT PRIMARY KEY,
+    action      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    parameters  TEXT NOT NULL,  -- canonical JSON object of strings
+    requester   TEXT NOT NULL,
+    required    INTEGER NOT NULL CHECK (required >= 1),
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    executed_at TEXT,           -- set once, by a compare-and-set (NULL: not executed)
+    executed_by TEXT
+) STRICT;
+CREATE INDEX approval_requests_by_time ON approval_requests (created_at, id);
+
+CREATE TABLE approval_votes (
+    request_id TEXT NOT NULL REFERENCES approval_requests (id),
+    officer    TEXT NOT NULL,
+    approve    INTEGER NOT NULL CHECK (approve IN (0, 1)),
+    reason     TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    PRIMARY KEY (request_id, officer)
+) STRICT, WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, key versions, releases, product floors, signatures", _INITIAL_SCHEMA),
     Migration(2, "device registry and payload manifest signatures", _DEVICES_SCHEMA),
     Migration(3, "key lifecycle: transitions, destroy schedule, rotation period", _LIFECYCLE_SCHEMA),
     Migration(4, "audit log and checkpoints", _AUDIT_SCHEMA),
+    Migration(5, "KEK rotation jobs", _KEK_ROTATION_SCHEMA),
+    Migration(6, "dual control: approval requests and votes", _APPROVALS_SCHEMA),
 )
 
 _MIGRATIONS_TABLE = """

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from kms.domain.devices import Device, DeviceState, Registration, WrappedSecret
 from kms.domain.errors import AlreadyExists, KmsError, NotFound
+from kms.domain.kek_rotation import Rewrap, StoredSecret
 from kms.store.database import Database, Row, Session, timestamp_text
 
 _INSERT = """
@@ -98,6 +99,23 @@ class SqliteDeviceRepository:
             )
         return 0 if row is None else row.integer("n")
 
+    def devices_under(
+        self, kek_key_id: str, kek_version: int, limit: int, after_device_id: str = ""
+    ) -> list[StoredSecret]:
+        """Up to ``limit`` secrets wrapped under this KEK version, by device id after ``after_device_id``."""
+        with self._db.snapshot() as session:
+            return secrets_under(session, kek_key_id, kek_version, limit, after_device_id)
+
+    def count_under(self, kek_key_id: str, kek_version: int) -> int:
+        with self._db.snapshot() as session:
+            return count_under(session, kek_key_id, kek_version)
+
+    def rewrap(self, kek_key_id: str, rewraps: Sequence[Rewrap]) -> int:
+        """Compare-and-set in one transaction: a row changes only if it still holds the version and blob
+        read, so repeating a batch changes nothing. Returns the number of rows changed."""
+        with self._db.transaction() as session:
+            return rewrap_rows(session, kek_key_id, rewraps)
+
     def payload_signature(
         self, device_id: str, release: bytes, segment_size: int, key_version: str
     ) -> bytes | None:
@@ -133,6 +151,49 @@ class SqliteDeviceRepository:
         if row is None:
             raise AlreadyExists("the payload signature could not be stored")
         return row.blob("signature")
+
+
+# -- KEK rotation: batch reads and compare-and-set rewrites (kms.domain.kek_rotation) -----------------------
+
+
+def secrets_under(
+    session: Session, kek_key_id: str, kek_version: int, limit: int, after_device_id: str
+) -> list[StoredSecret]:
+    rows = session.rows(
+        "SELECT device_id, kek_version, wrapped_secret FROM devices "
+        "WHERE kek_key_id = ? AND kek_version = ? AND device_id > ? ORDER BY device_id LIMIT ?",
+        [kek_key_id, kek_version, after_device_id, limit],
+    )
+    return [
+        StoredSecret(r.text("device_id"), r.integer("kek_version"), r.blob("wrapped_secret")) for r in rows
+    ]
+
+
+def count_under(session: Session, kek_key_id: str, kek_version: int) -> int:
+    row = session.row(
+        "SELECT count(*) AS n FROM devices WHERE kek_key_id = ? AND kek_version = ?",
+        [kek_key_id, kek_version],
+    )
+    return 0 if row is None else row.integer("n")
+
+
+def rewrap_rows(session: Session, kek_key_id: str, rewraps: Sequence[Rewrap]) -> int:
+    """Store each new blob only where the row still holds the old version and blob; rows changed."""
+    changed = 0
+    for rewrap in rewraps:
+        changed += session.execute(
+            "UPDATE devices SET kek_version = ?, wrapped_secret = ? "
+            "WHERE device_id = ? AND kek_key_id = ? AND kek_version = ? AND wrapped_secret = ?",
+            [
+                rewrap.new_version,
+                rewrap.new_blob,
+                rewrap.old.device_id,
+                kek_key_id,
+                rewrap.old.kek_version,
+                rewrap.old.blob,
+            ],
+        )
+    return changed
 
 
 def _values(device: Device) -> list[object]:

@@ -84,6 +84,11 @@ class SoftwareHsm:
     def hmac(self, hsm_id: bytes, message: bytes) -> bytes:
         raise NotImplementedError
 
+    def rewrap_secrets(
+        self, old_kek_hsm_id: bytes, new_kek_hsm_id: bytes, blobs: Sequence[bytes]
+    ) -> list[bytes | KmsError]:
+        raise NotImplementedError
+
     def is_available(self) -> bool:
         return True
 

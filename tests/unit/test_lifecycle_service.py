@@ -68,6 +68,11 @@ class FakeHsm:
     def hmac_with_wrapped_secret(self, kek_hsm_id: bytes, wrapped: bytes, message: bytes) -> bytes:
         raise NotImplementedError
 
+    def rewrap_secrets(
+        self, old_kek_hsm_id: bytes, new_kek_hsm_id: bytes, blobs: Sequence[bytes]
+    ) -> list[bytes | KmsError]:
+        raise NotImplementedError
+
     def hmac(self, hsm_id: bytes, message: bytes) -> bytes:
         raise NotImplementedError
 

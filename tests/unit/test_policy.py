@@ -304,6 +304,8 @@ NOT_PRODUCT_BOUND = {
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     # Key administration: not yet product-scoped (kms.service.keys and lifecycle; docs/authorization.md).
     *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.KeyAdminService/")),
+    # KEK rotation: an officer's act on a product's KEK, not yet product-scoped (kms.service.kek_rotation).
+    *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.KekRotationService/")),
 }
 SCOPES = {
     "in scope": frozenset({A}),
