@@ -828,6 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kmsctl._kek_cli import add_kek_commands  # imports this module lazily: see its docstring
 
     add_kek_commands(commands, [connection, output])
+    from kmsctl._approvals_cli import add_approval_commands  # imports this module lazily: see its docstring
+
+    add_approval_commands(commands, [connection, output])
 
     devices = commands.add_parser(
         "devices", help="Register and manage devices (factory).", description="Register and manage devices."

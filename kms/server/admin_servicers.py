@@ -200,9 +200,7 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
         self, request: admin_pb2.ScheduleKeyVersionDestructionRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ManagedKey:
         if self._require_dual_control:
-            raise FailedPrecondition(
-                "needs dual control: use ApprovalService.RequestKeyVersionDestruction"
-            )
+            raise FailedPrecondition("needs dual control: use ApprovalService.RequestKeyVersionDestruction")
         delay = (
             _seconds(request.delay_seconds, "delay_seconds") if request.HasField("delay_seconds") else None
         )

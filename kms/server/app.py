@@ -13,6 +13,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -20,9 +21,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kms.domain.approvals import DualControlPolicy
 from kms.hsm.config import HsmConfig
 from kms.hsm.pkcs11_hsm import Pkcs11Hsm
 from kms.server.admin_servicers import add_key_admin
+from kms.server.approval_servicers import add_approvals
 from kms.server.audit_interceptor import AuditInterceptor
 from kms.server.audit_servicers import add_audit
 from kms.server.audit_setup import open_audit_log
@@ -35,12 +38,14 @@ from kms.server.kek_servicers import add_kek_rotation
 from kms.server.lifecycle_scheduler import LifecycleScheduler
 from kms.server.policy_file import load_policy
 from kms.server.servicers import KeyServicer, SigningServicer
+from kms.service.approvals import DualControl
 from kms.service.distribution import Distribution
 from kms.service.kek_rotation import KekRotationService, destroy_guard
 from kms.service.keys import KeyAdministration
 from kms.service.lifecycle import KeyLifecycle
 from kms.service.registry import DeviceRegistry
 from kms.service.signing import SigningService
+from kms.store.approvals import SqliteApprovalRepository
 from kms.store.audit import SqliteAuditLog
 from kms.store.blobs import BlobStore
 from kms.store.database import Database
@@ -51,6 +56,7 @@ from kms.store.releases import SqliteReleaseRepository
 from kms.store.signature_log import SqliteSignatureLog
 from kmsapi.v1 import (
     admin_pb2,
+    approvals_pb2,
     audit_pb2,
     devices_pb2,
     devices_pb2_grpc,
@@ -69,6 +75,7 @@ SERVICE_NAMES = (
     devices_pb2.DESCRIPTOR.services_by_name["DeviceRegistryService"].full_name,
     devices_pb2.DESCRIPTOR.services_by_name["DistributionService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"].full_name,
+    approvals_pb2.DESCRIPTOR.services_by_name["ApprovalService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     kek_pb2.DESCRIPTOR.services_by_name["KekRotationService"].full_name,
 )
@@ -193,7 +200,16 @@ class KmsServer:
             self.lifecycle,
             KeyAdministration(components.hsm, components.keys),
             components.keys,
+            require_dual_control=True,
         )
+        self.dual_control = DualControl(
+            SqliteApprovalRepository(components.database),
+            policy=DualControlPolicy(
+                required=config.dual_control.required_approvals,
+                ttl=timedelta(seconds=config.dual_control.ttl_seconds),
+            ),
+        )
+        add_approvals(self.server, self.dual_control, self.lifecycle)
         self.scheduler = LifecycleScheduler(self.lifecycle)
         self.kek_rotation = KekRotationService(
             components.hsm,

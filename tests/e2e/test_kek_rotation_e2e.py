@@ -13,10 +13,11 @@ import grpc
 import pytest
 
 from kms.server.auth import METHOD_ROLES
-from kmsapi.v1 import admin_pb2, admin_pb2_grpc, kek_pb2, kek_pb2_grpc
+from kmsapi.v1 import approvals_pb2, approvals_pb2_grpc, kek_pb2, kek_pb2_grpc
 from tests.e2e.conftest import KEYS
 from tests.e2e.test_devices_and_payloads import _channel, _device, _payload, _register, _release, _row
 from tests.support.kms_server import running_kms
+from tests.support.officers import approved_destruction
 
 pytestmark = pytest.mark.skipif(
     "/kmsapi.v1.KekRotationService/StartKekRotation" not in METHOD_ROLES,
@@ -50,20 +51,17 @@ def test_rotation_over_grpc_keeps_every_payload(tmp_path: Path) -> None:
             model = _device(server, device_id, secrets[device_id])
             assert model.apply_update(before[device_id]).verdict.name == "OK"
 
+        # Destruction is under dual control: requested by one officer, approved by two others.
+        kek_v1, kek_v2 = "keys/fleet-kek/versions/1", "keys/fleet-kek/versions/2"
+        guarded_id = approved_destruction(server, kek_v2, new_primary_version=kek_v1)
         with _channel(server, "security-officer") as channel:
-            admin = admin_pb2_grpc.KeyAdminServiceStub(channel)
+            approvals = approvals_pb2_grpc.ApprovalServiceStub(channel)
             with pytest.raises(grpc.RpcError) as guarded:
-                admin.ScheduleKeyVersionDestruction(
-                    admin_pb2.ScheduleKeyVersionDestructionRequest(
-                        name="keys/fleet-kek/versions/2", new_primary_version="keys/fleet-kek/versions/1"
-                    ),
-                    timeout=30,
-                )
+                approvals.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=guarded_id), timeout=30)
             assert guarded.value.code() is grpc.StatusCode.FAILED_PRECONDITION
             assert "300 device secrets" in (guarded.value.details() or "")
-            admin.ScheduleKeyVersionDestruction(
-                admin_pb2.ScheduleKeyVersionDestructionRequest(name="keys/fleet-kek/versions/1"), timeout=30
-            )
+            done_id = approved_destruction(server, kek_v1)
+            approvals.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=done_id), timeout=30)
 
     with running_kms(tmp_path / "state", init=False) as again:  # the job survives a restart
         status = again.kmsctl("kek", "status", "--product", "fleet", "--json")

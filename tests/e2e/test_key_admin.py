@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -86,15 +86,9 @@ def test_rotate_then_disable_a_digest_signing_key(officer: KeyAdminClient, build
     assert build.sign_digest(name, new_digest).key_version == v2
     assert _verifies(build.get_public_key(v1).pem, old_digest, old.signature), "still verifiable"
 
-    before = datetime.now(UTC)
-    scheduled = officer.schedule_destruction(v1, delay=timedelta(hours=1))
-    due = scheduled.version(v1).destroy_time
-    assert scheduled.version(v1).state is KeyVersionState.DESTROY_SCHEDULED
-    assert due is not None and before + timedelta(hours=1) - timedelta(seconds=5) <= due
-    assert due <= datetime.now(UTC) + timedelta(hours=1, seconds=5)
-    cancelled = officer.cancel_destruction(v1)
-    assert cancelled.version(v1).state is KeyVersionState.DISABLED
-    assert cancelled.version(v1).destroy_time is None
+    # Destruction needs dual control (tests/e2e/test_dual_control.py): the direct call is refused.
+    with pytest.raises(FailedPreconditionError, match="needs dual control"):
+        officer.schedule_destruction(v1, delay=timedelta(hours=1))
     with pytest.raises(FailedPreconditionError):
         build.sign_digest(v1, new_digest)
 
@@ -105,10 +99,7 @@ def test_rotate_then_disable_a_digest_signing_key(officer: KeyAdminClient, build
         (v2, TransitionEvent.CREATED, OFFICER),  # the rotation: a new version ...
         (v2, TransitionEvent.MADE_PRIMARY, OFFICER),  # ... that became the primary
         (v1, TransitionEvent.DISABLED, OFFICER),
-        (v1, TransitionEvent.DESTROY_SCHEDULED, OFFICER),
-        (v1, TransitionEvent.DESTROY_CANCELLED, OFFICER),
     ]
-    assert history[5].destroy_time == due
     assert (history[4].from_state, history[4].to_state) == (KeyVersionState.ENABLED, KeyVersionState.DISABLED)
 
 

@@ -306,6 +306,8 @@ NOT_PRODUCT_BOUND = {
     *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.KeyAdminService/")),
     # KEK rotation: an officer's act on a product's KEK, not yet product-scoped (kms.service.kek_rotation).
     *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.KekRotationService/")),
+    # Dual control: officers' requests and votes, not yet product-scoped (kms.service.approvals).
+    *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.ApprovalService/")),
 }
 SCOPES = {
     "in scope": frozenset({A}),
