@@ -21,11 +21,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kms.domain.approvals import DualControlPolicy
+from kms.domain.approvals import Action, DualControlPolicy
 from kms.hsm.config import HsmConfig
 from kms.hsm.pkcs11_hsm import Pkcs11Hsm
 from kms.server.admin_servicers import add_key_admin
-from kms.server.approval_servicers import add_approvals
+from kms.server.approval_servicers import DestroyKeyVersion, GatedAct, add_approvals
 from kms.server.audit_interceptor import AuditInterceptor
 from kms.server.audit_servicers import add_audit
 from kms.server.audit_setup import open_audit_log
@@ -209,7 +209,8 @@ class KmsServer:
                 ttl=timedelta(seconds=config.dual_control.ttl_seconds),
             ),
         )
-        add_approvals(self.server, self.dual_control, self.lifecycle)
+        acts: dict[Action, GatedAct] = {Action.DESTROY_KEY_VERSION: DestroyKeyVersion(self.lifecycle)}
+        add_approvals(self.server, self.dual_control, acts)
         self.scheduler = LifecycleScheduler(self.lifecycle)
         self.kek_rotation = KekRotationService(
             components.hsm,

@@ -1,20 +1,27 @@
 """gRPC servicer of dual control: ``ApprovalService`` (kmsapi/v1/approvals.proto).
 
 Each method parses the request, calls ``DualControl`` (``kms.service.approvals``) with the authenticated
-caller, notes the request id and target for the audit record, and builds the response. Executing a key
-version destruction calls ``KeyLifecycle.schedule_destroy`` with the delay recorded in the request and the
-executing officer as the actor. ``add_approvals`` registers the servicer on a server.
+caller, notes the request id and target for the audit record, and builds the response.
+
+The acts themselves are ``GatedAct`` objects, one per ``Action``, given to ``add_approvals``: ``prepare``
+checks a Request* message and turns it into the request's target and parameters (strings, no secret);
+``execute`` performs the approved act as the executing officer and fills the act's part of the response.
+An action with no act on this server is refused with FAILED_PRECONDITION. ``DestroyKeyVersion`` (below)
+is the act of key version destruction: ``KeyLifecycle.schedule_destroy`` with the recorded delay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kms.domain.approvals import Action, ApprovalRequest, ApprovalState, Vote
-from kms.domain.errors import InvalidArgument, NotFound
+from kms.domain.errors import FailedPrecondition, InvalidArgument
+from kms.domain.identity import Caller
 from kms.domain.keys import KeyName
 from kms.domain.lifecycle import ManagedKey
 from kms.server.admin_servicers import managed_key_pb
@@ -82,37 +89,113 @@ def _noted(request_id: str) -> str:
     return request_id
 
 
-class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
-    def __init__(self, dual_control: DualControl, lifecycle: KeyLifecycle) -> None:
-        self._dual = dual_control
+class GatedAct(Protocol):
+    """One act under dual control (see the module docstring)."""
+
+    def prepare(self, caller: Caller, message: Any) -> tuple[str, dict[str, str]]:
+        """Check a Request* message (NotFound, InvalidArgument, FailedPrecondition) and return the request's
+        target (e.g. ``products/P/sbv2-slots/1``) and parameters. May call ``note`` for the audit record."""
+        ...
+
+    def execute(self, caller: Caller, request: ApprovalRequest) -> approvals_pb2.ExecuteRequestResponse:
+        """Perform the approved act as ``caller``; return a response with the act's field set (the servicer
+        adds the request). Raising leaves the request APPROVED (``DualControl.execute``)."""
+        ...
+
+
+class DestroyKeyVersion:
+    """The act of key version destruction: ``KeyLifecycle.schedule_destroy`` with the recorded delay."""
+
+    def __init__(self, lifecycle: KeyLifecycle) -> None:
         self._lifecycle = lifecycle
+
+    def prepare(
+        self, caller: Caller, message: approvals_pb2.RequestKeyVersionDestructionRequest
+    ) -> tuple[str, dict[str, str]]:
+        name = KeyName.parse(message.name)
+        if name.version is None:
+            raise InvalidArgument(f"{message.name!r} names a key; a version is needed: 'keys/K/versions/N'")
+        note(key_version=str(name))
+        key = self._lifecycle.get(name.key_id)
+        key.version(name.version)  # NotFound for an unknown version
+        note(product=key.key.product)
+        parameters: dict[str, str] = {}
+        if message.HasField("delay_seconds"):
+            if message.delay_seconds > _MAX_SECONDS:
+                raise InvalidArgument(f"delay_seconds of {message.delay_seconds} seconds is out of range")
+            parameters[DELAY_PARAMETER] = str(message.delay_seconds)
+        if message.new_primary_version:
+            wanted = KeyName.parse(message.new_primary_version)
+            if wanted.version is None or wanted.key_id != name.key_id:
+                raise InvalidArgument(
+                    f"new_primary_version {message.new_primary_version!r} must name a version of the same "
+                    f"key as {message.name!r}: 'keys/KEY_ID/versions/N'"
+                )
+            parameters[NEW_PRIMARY_PARAMETER] = str(wanted)
+        return str(name), parameters
+
+    def execute(self, caller: Caller, request: ApprovalRequest) -> approvals_pb2.ExecuteRequestResponse:
+        note(key_version=request.target)
+        delay = request.parameters.get(DELAY_PARAMETER)
+        new_primary = request.parameters.get(NEW_PRIMARY_PARAMETER)
+        managed: ManagedKey = self._lifecycle.schedule_destroy(
+            caller,
+            request.target,
+            delay=None if delay is None else timedelta(seconds=int(delay)),
+            new_primary=None if new_primary is None else KeyName.parse(new_primary).version,
+        )
+        return approvals_pb2.ExecuteRequestResponse(key=managed_key_pb(managed))
+
+
+class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
+    def __init__(self, dual_control: DualControl, acts: Mapping[Action, GatedAct]) -> None:
+        self._dual = dual_control
+        self._acts = dict(acts)
+
+    def _act(self, action: Action) -> GatedAct:
+        act = self._acts.get(action)
+        if act is None:
+            raise FailedPrecondition(f"the act {action.value} is not available on this server")
+        return act
+
+    def _request(
+        self, action: Action, message: Any, context: grpc.ServicerContext
+    ) -> approvals_pb2.ApprovalRequest:
+        caller = caller_of(context)
+        target, parameters = self._act(action).prepare(caller, message)
+        created = self._dual.request(caller, action, target, parameters)
+        note(resource=f"approvals/{created.id}")
+        return request_pb(created, self._dual.now())
 
     @translate_errors
     def RequestKeyVersionDestruction(  # noqa: N802 - gRPC method name
         self, request: approvals_pb2.RequestKeyVersionDestructionRequest, context: grpc.ServicerContext
     ) -> approvals_pb2.ApprovalRequest:
-        caller = caller_of(context)
-        name = KeyName.parse(request.name)
-        if name.version is None:
-            raise InvalidArgument(f"{request.name!r} names a key; a version is needed: 'keys/K/versions/N'")
-        note(key_version=str(name))
-        self._lifecycle.get(name.key_id).version(name.version)  # NotFound for an unknown version
-        parameters: dict[str, str] = {}
-        if request.HasField("delay_seconds"):
-            if request.delay_seconds > _MAX_SECONDS:
-                raise InvalidArgument(f"delay_seconds of {request.delay_seconds} seconds is out of range")
-            parameters[DELAY_PARAMETER] = str(request.delay_seconds)
-        if request.new_primary_version:
-            wanted = KeyName.parse(request.new_primary_version)
-            if wanted.version is None or wanted.key_id != name.key_id:
-                raise InvalidArgument(
-                    f"new_primary_version {request.new_primary_version!r} must name a version of the same "
-                    f"key as {request.name!r}: 'keys/KEY_ID/versions/N'"
-                )
-            parameters[NEW_PRIMARY_PARAMETER] = str(wanted)
-        created = self._dual.request(caller, Action.DESTROY_KEY_VERSION, str(name), parameters)
-        note(resource=f"approvals/{created.id}")
-        return request_pb(created, self._dual.now())
+        return self._request(Action.DESTROY_KEY_VERSION, request, context)
+
+    @translate_errors
+    def RequestSlotRevocation(  # noqa: N802 - gRPC method name
+        self, request: approvals_pb2.RequestSlotRevocationRequest, context: grpc.ServicerContext
+    ) -> approvals_pb2.ApprovalRequest:
+        return self._request(Action.REVOKE_SBV2_SLOT, request, context)
+
+    @translate_errors
+    def RequestFloorLowering(  # noqa: N802 - gRPC method name
+        self, request: approvals_pb2.RequestFloorLoweringRequest, context: grpc.ServicerContext
+    ) -> approvals_pb2.ApprovalRequest:
+        return self._request(Action.LOWER_ROLLBACK_FLOOR, request, context)
+
+    @translate_errors
+    def RequestDeviceReprovisioning(  # noqa: N802 - gRPC method name
+        self, request: approvals_pb2.RequestDeviceReprovisioningRequest, context: grpc.ServicerContext
+    ) -> approvals_pb2.ApprovalRequest:
+        return self._request(Action.REPROVISION_DEVICE_SECRET, request, context)
+
+    @translate_errors
+    def RequestPolicyChange(  # noqa: N802 - gRPC method name
+        self, request: approvals_pb2.RequestPolicyChangeRequest, context: grpc.ServicerContext
+    ) -> approvals_pb2.ApprovalRequest:
+        return self._request(Action.CHANGE_AUTHORIZATION_POLICY, request, context)
 
     @translate_errors
     def ListApprovalRequests(  # noqa: N802 - gRPC method name
@@ -148,33 +231,13 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
     ) -> approvals_pb2.ExecuteRequestResponse:
         caller = caller_of(context)
         request_id = _noted(request.id)
-        note(key_version=self._dual.get(request_id).target)
-
-        def act(approved: ApprovalRequest) -> ManagedKey:
-            if approved.action is not Action.DESTROY_KEY_VERSION:
-                raise NotFound(f"the act {approved.action.value} is not available on this server")
-            delay = approved.parameters.get(DELAY_PARAMETER)
-            new_primary = approved.parameters.get(NEW_PRIMARY_PARAMETER)
-            return self._lifecycle.schedule_destroy(
-                caller,
-                approved.target,
-                delay=None if delay is None else _delay(int(delay)),
-                new_primary=None if new_primary is None else KeyName.parse(new_primary).version,
-            )
-
-        executed, managed = self._dual.execute(caller, request_id, act)
-        return approvals_pb2.ExecuteRequestResponse(
-            request=request_pb(executed, self._dual.now()), key=managed_key_pb(managed)
-        )
+        act = self._act(self._dual.get(request_id).action)
+        executed, response = self._dual.execute(caller, request_id, lambda r: act.execute(caller, r))
+        response.request.CopyFrom(request_pb(executed, self._dual.now()))
+        return response
 
 
-def _delay(seconds: int) -> timedelta:
-    return timedelta(seconds=seconds)
-
-
-def add_approvals(server: grpc.Server, dual_control: DualControl, lifecycle: KeyLifecycle) -> None:
-    """Serve ``ApprovalService`` on ``server``: requests and votes through ``dual_control``, the gated acts
-    through ``lifecycle`` (the same ``KeyLifecycle`` as ``KeyAdminService``'s)."""
-    approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(
-        ApprovalServicer(dual_control, lifecycle), server
-    )
+def add_approvals(server: grpc.Server, dual_control: DualControl, acts: Mapping[Action, GatedAct]) -> None:
+    """Serve ``ApprovalService`` on ``server``: requests and votes through ``dual_control``, the acts through
+    ``acts`` (``DestroyKeyVersion`` and the acts of the other services)."""
+    approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(dual_control, acts), server)

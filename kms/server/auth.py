@@ -28,6 +28,12 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "/kmsapi.v1.SigningService/SignDigest": frozenset({Role.BUILD_SERVER}),
     "/kmsapi.v1.KeyService/GetPublicKey": ALL_ROLES,
     "/kmsapi.v1.KeyService/ListKeys": ALL_ROLES,
+    "/kmsapi.v1.KeyService/GetManifestKeyRollover": ALL_ROLES,
+    "/kmsapi.v1.SecureBootSlotService/ListSecureBootSlots": frozenset({Role.SECURITY_OFFICER, Role.AUDITOR}),
+    "/kmsapi.v1.RollbackFloorService/GetRollbackFloor": frozenset(
+        {Role.BUILD_SERVER, Role.SECURITY_OFFICER, Role.AUDITOR}
+    ),
+    "/kmsapi.v1.PolicyService/GetAuthorizationPolicy": frozenset({Role.SECURITY_OFFICER, Role.AUDITOR}),
     "/kmsapi.v1.DeviceRegistryService/GetRegistrationKey": frozenset({Role.FACTORY_REGISTRAR}),
     "/kmsapi.v1.DeviceRegistryService/RegisterDevices": frozenset({Role.FACTORY_REGISTRAR}),
     "/kmsapi.v1.DeviceRegistryService/GetDevice": frozenset(
@@ -49,6 +55,10 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "/kmsapi.v1.KekRotationService/StartKekRotation": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.KekRotationService/GetKekRotation": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.ApprovalService/RequestKeyVersionDestruction": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.ApprovalService/RequestSlotRevocation": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.ApprovalService/RequestFloorLowering": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.ApprovalService/RequestDeviceReprovisioning": frozenset({Role.SECURITY_OFFICER}),
+    "/kmsapi.v1.ApprovalService/RequestPolicyChange": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.ApprovalService/ListApprovalRequests": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.ApprovalService/ApproveRequest": frozenset({Role.SECURITY_OFFICER}),
     "/kmsapi.v1.ApprovalService/RejectRequest": frozenset({Role.SECURITY_OFFICER}),

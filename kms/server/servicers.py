@@ -237,3 +237,8 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         note(product=request.product)
         keys = self._signing.list_keys(request.product, caller_of(context))
         return keys_pb2.ListKeysResponse(keys=[key_pb(k) for k in keys])
+
+    def GetManifestKeyRollover(  # noqa: N802 - gRPC method name
+        self, request: keys_pb2.GetManifestKeyRolloverRequest, context: grpc.ServicerContext
+    ) -> keys_pb2.GetManifestKeyRolloverResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "manifest key rollover is not built yet")

@@ -378,6 +378,69 @@ CREATE TABLE approval_votes (
 ) STRICT, WITHOUT ROWID;
 """
 
+_SBV2_SLOTS_SCHEMA = """
+-- Secure Boot V2 slot revocations (kms.store.sbv2_slots): a revoked slot stays revoked, as the eFuse does.
+CREATE TABLE sbv2_slot_revocations (
+    product     TEXT NOT NULL,
+    slot        INTEGER NOT NULL CHECK (slot BETWEEN 0 AND 2),
+    key_id      TEXT NOT NULL REFERENCES keys (key_id),
+    revoked_at  TEXT NOT NULL,
+    revoked_by  TEXT NOT NULL,
+    approval_id TEXT NOT NULL,
+    PRIMARY KEY (product, slot)
+) STRICT, WITHOUT ROWID;
+"""
+
+_MANIFEST_ROLLOVER_SCHEMA = """
+-- OTA manifest key rollover statements (kms.store.rollovers): version to_version's public key signed by
+-- from_version, made when to_version was created.
+CREATE TABLE manifest_key_rollovers (
+    key_id       TEXT NOT NULL,
+    from_version INTEGER NOT NULL,
+    to_version   INTEGER NOT NULL CHECK (from_version < to_version),
+    statement    BLOB NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (key_id, to_version),
+    FOREIGN KEY (key_id, to_version) REFERENCES key_versions (key_id, version)
+) STRICT, WITHOUT ROWID;
+"""
+
+_FLOOR_AND_REPROVISION_SCHEMA = """
+-- Anti-rollback floor lowerings under dual control (kms.store.releases).
+CREATE TABLE floor_lowerings (
+    id                  INTEGER PRIMARY KEY,
+    product             TEXT NOT NULL,
+    from_secure_version INTEGER NOT NULL,
+    to_secure_version   INTEGER NOT NULL CHECK (to_secure_version < from_secure_version),
+    at                  TEXT NOT NULL,
+    officer             TEXT NOT NULL,
+    approval_id         TEXT NOT NULL
+) STRICT;
+CREATE INDEX floor_lowerings_by_product ON floor_lowerings (product, id);
+-- Device re-provisioning (kms.store.devices): an executed request opens a window for one new secret.
+ALTER TABLE devices ADD COLUMN reprovision_until TEXT;
+ALTER TABLE devices ADD COLUMN reprovision_request TEXT;
+ALTER TABLE devices ADD COLUMN secret_generation INTEGER NOT NULL DEFAULT 1;
+"""
+
+_POLICY_SCHEMA = """
+-- Authorization policy versions under dual control (kms.store.policy); version 0 is the [policy] file.
+CREATE TABLE policy_versions (
+    version     INTEGER PRIMARY KEY CHECK (version >= 1),
+    text        TEXT NOT NULL,
+    sha256      BLOB NOT NULL,
+    created_at  TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    approval_id TEXT NOT NULL
+) STRICT;
+-- Proposed policy texts, by SHA-256 (an approval request names its text by hash).
+CREATE TABLE policy_drafts (
+    sha256     BLOB PRIMARY KEY,
+    text       TEXT NOT NULL,
+    created_at TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, key versions, releases, product floors, signatures", _INITIAL_SCHEMA),
     Migration(2, "device registry and payload manifest signatures", _DEVICES_SCHEMA),
@@ -385,6 +448,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "audit log and checkpoints", _AUDIT_SCHEMA),
     Migration(5, "KEK rotation jobs", _KEK_ROTATION_SCHEMA),
     Migration(6, "dual control: approval requests and votes", _APPROVALS_SCHEMA),
+    Migration(7, "Secure Boot V2 slot revocations", _SBV2_SLOTS_SCHEMA),
+    Migration(8, "OTA manifest key rollover statements", _MANIFEST_ROLLOVER_SCHEMA),
+    Migration(9, "anti-rollback floor lowerings and device re-provisioning", _FLOOR_AND_REPROVISION_SCHEMA),
+    Migration(10, "authorization policy versions", _POLICY_SCHEMA),
 )
 
 _MIGRATIONS_TABLE = """

@@ -460,6 +460,12 @@ class FakeKms(
             sbv2_key_digest=digest,
         )
 
+    def GetManifestKeyRollover(  # noqa: N802
+        self, request: keys_pb2.GetManifestKeyRolloverRequest, context: grpc.ServicerContext
+    ) -> keys_pb2.GetManifestKeyRolloverResponse:
+        self._enter("GetManifestKeyRollover", context)
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the fake")
+
     def ListKeys(  # noqa: N802
         self, request: keys_pb2.ListKeysRequest, context: grpc.ServicerContext
     ) -> keys_pb2.ListKeysResponse:

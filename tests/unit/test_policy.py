@@ -308,6 +308,11 @@ NOT_PRODUCT_BOUND = {
     *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.KekRotationService/")),
     # Dual control: officers' requests and votes, not yet product-scoped (kms.service.approvals).
     *(m for m in METHOD_ROLES if m.startswith("/kmsapi.v1.ApprovalService/")),
+    # Not yet product-scoped (being built).
+    "/kmsapi.v1.KeyService/GetManifestKeyRollover",
+    "/kmsapi.v1.SecureBootSlotService/ListSecureBootSlots",
+    "/kmsapi.v1.RollbackFloorService/GetRollbackFloor",
+    "/kmsapi.v1.PolicyService/GetAuthorizationPolicy",
 }
 SCOPES = {
     "in scope": frozenset({A}),

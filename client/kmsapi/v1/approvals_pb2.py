@@ -24,9 +24,13 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from kmsapi.v1 import admin_pb2 as kmsapi_dot_v1_dot_admin__pb2
+from kmsapi.v1 import devices_pb2 as kmsapi_dot_v1_dot_devices__pb2
+from kmsapi.v1 import policy_pb2 as kmsapi_dot_v1_dot_policy__pb2
+from kmsapi.v1 import rollback_pb2 as kmsapi_dot_v1_dot_rollback__pb2
+from kmsapi.v1 import slots_pb2 as kmsapi_dot_v1_dot_slots__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kmsapi/v1/approvals.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15kmsapi/v1/admin.proto\"Y\n\x0c\x41pprovalVote\x12\x0f\n\x07officer\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa5\x04\n\x0f\x41pprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.kmsapi.v1.ApprovalAction\x12\x0e\n\x06target\x18\x03 \x01(\t\x12>\n\nparameters\x18\x04 \x03(\x0b\x32*.kmsapi.v1.ApprovalRequest.ParametersEntry\x12\x11\n\trequester\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12required_approvals\x18\x08 \x01(\r\x12*\n\tapprovals\x18\t \x03(\x0b\x32\x17.kmsapi.v1.ApprovalVote\x12+\n\nrejections\x18\n \x03(\x0b\x32\x17.kmsapi.v1.ApprovalVote\x12\'\n\x05state\x18\x0b \x01(\x0e\x32\x18.kmsapi.v1.ApprovalState\x12\x30\n\x0c\x65xecute_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xecuted_by\x18\r \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"~\n#RequestKeyVersionDestructionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\rdelay_seconds\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x13new_primary_version\x18\x03 \x01(\tB\x10\n\x0e_delay_seconds\"F\n\x1bListApprovalRequestsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.kmsapi.v1.ApprovalState\"L\n\x1cListApprovalRequestsResponse\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.kmsapi.v1.ApprovalRequest\"#\n\x15\x41pproveRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x14RejectRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x15\x45xecuteRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"i\n\x16\x45xecuteRequestResponse\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.kmsapi.v1.ApprovalRequest\x12\"\n\x03key\x18\x02 \x01(\x0b\x32\x15.kmsapi.v1.ManagedKey*\x8a\x02\n\x0e\x41pprovalAction\x12\x1f\n\x1b\x41PPROVAL_ACTION_UNSPECIFIED\x10\x00\x12\'\n#APPROVAL_ACTION_DESTROY_KEY_VERSION\x10\x01\x12$\n APPROVAL_ACTION_REVOKE_SBV2_SLOT\x10\x02\x12(\n$APPROVAL_ACTION_LOWER_ROLLBACK_FLOOR\x10\x03\x12-\n)APPROVAL_ACTION_REPROVISION_DEVICE_SECRET\x10\x04\x12/\n+APPROVAL_ACTION_CHANGE_AUTHORIZATION_POLICY\x10\x05*\xbe\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x01\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x41PPROVAL_STATE_REJECTED\x10\x03\x12\x1a\n\x16\x41PPROVAL_STATE_EXPIRED\x10\x04\x12\x1b\n\x17\x41PPROVAL_STATE_EXECUTED\x10\x05\x32\xdb\x03\n\x0f\x41pprovalService\x12j\n\x1cRequestKeyVersionDestruction\x12..kmsapi.v1.RequestKeyVersionDestructionRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12g\n\x14ListApprovalRequests\x12&.kmsapi.v1.ListApprovalRequestsRequest\x1a\'.kmsapi.v1.ListApprovalRequestsResponse\x12N\n\x0e\x41pproveRequest\x12 .kmsapi.v1.ApproveRequestRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12L\n\rRejectRequest\x12\x1f.kmsapi.v1.RejectRequestRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12U\n\x0e\x45xecuteRequest\x12 .kmsapi.v1.ExecuteRequestRequest\x1a!.kmsapi.v1.ExecuteRequestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kmsapi/v1/approvals.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15kmsapi/v1/admin.proto\x1a\x17kmsapi/v1/devices.proto\x1a\x16kmsapi/v1/policy.proto\x1a\x18kmsapi/v1/rollback.proto\x1a\x15kmsapi/v1/slots.proto\"Y\n\x0c\x41pprovalVote\x12\x0f\n\x07officer\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa5\x04\n\x0f\x41pprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.kmsapi.v1.ApprovalAction\x12\x0e\n\x06target\x18\x03 \x01(\t\x12>\n\nparameters\x18\x04 \x03(\x0b\x32*.kmsapi.v1.ApprovalRequest.ParametersEntry\x12\x11\n\trequester\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12required_approvals\x18\x08 \x01(\r\x12*\n\tapprovals\x18\t \x03(\x0b\x32\x17.kmsapi.v1.ApprovalVote\x12+\n\nrejections\x18\n \x03(\x0b\x32\x17.kmsapi.v1.ApprovalVote\x12\'\n\x05state\x18\x0b \x01(\x0e\x32\x18.kmsapi.v1.ApprovalState\x12\x30\n\x0c\x65xecute_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xecuted_by\x18\r \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"~\n#RequestKeyVersionDestructionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\rdelay_seconds\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x13new_primary_version\x18\x03 \x01(\tB\x10\n\x0e_delay_seconds\"=\n\x1cRequestSlotRevocationRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\"F\n\x1bRequestFloorLoweringRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x16\n\x0esecure_version\x18\x02 \x01(\r\"G\n\"RequestDeviceReprovisioningRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x1aRequestPolicyChangeRequest\x12\x13\n\x0bpolicy_toml\x18\x01 \x01(\t\"F\n\x1bListApprovalRequestsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.kmsapi.v1.ApprovalState\"L\n\x1cListApprovalRequestsResponse\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.kmsapi.v1.ApprovalRequest\"#\n\x15\x41pproveRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x14RejectRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x15\x45xecuteRequestRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x92\x02\n\x16\x45xecuteRequestResponse\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.kmsapi.v1.ApprovalRequest\x12\"\n\x03key\x18\x02 \x01(\x0b\x32\x15.kmsapi.v1.ManagedKey\x12\'\n\x04slot\x18\x03 \x01(\x0b\x32\x19.kmsapi.v1.SecureBootSlot\x12\'\n\x05\x66loor\x18\x04 \x01(\x0b\x32\x18.kmsapi.v1.RollbackFloor\x12%\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x15.kmsapi.v1.DeviceInfo\x12.\n\x06policy\x18\x06 \x01(\x0b\x32\x1e.kmsapi.v1.AuthorizationPolicy*\x8a\x02\n\x0e\x41pprovalAction\x12\x1f\n\x1b\x41PPROVAL_ACTION_UNSPECIFIED\x10\x00\x12\'\n#APPROVAL_ACTION_DESTROY_KEY_VERSION\x10\x01\x12$\n APPROVAL_ACTION_REVOKE_SBV2_SLOT\x10\x02\x12(\n$APPROVAL_ACTION_LOWER_ROLLBACK_FLOOR\x10\x03\x12-\n)APPROVAL_ACTION_REPROVISION_DEVICE_SECRET\x10\x04\x12/\n+APPROVAL_ACTION_CHANGE_AUTHORIZATION_POLICY\x10\x05*\xbe\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x01\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x41PPROVAL_STATE_REJECTED\x10\x03\x12\x1a\n\x16\x41PPROVAL_STATE_EXPIRED\x10\x04\x12\x1b\n\x17\x41PPROVAL_STATE_EXECUTED\x10\x05\x32\xd9\x06\n\x0f\x41pprovalService\x12j\n\x1cRequestKeyVersionDestruction\x12..kmsapi.v1.RequestKeyVersionDestructionRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12\\\n\x15RequestSlotRevocation\x12\'.kmsapi.v1.RequestSlotRevocationRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12Z\n\x14RequestFloorLowering\x12&.kmsapi.v1.RequestFloorLoweringRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12h\n\x1bRequestDeviceReprovisioning\x12-.kmsapi.v1.RequestDeviceReprovisioningRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12X\n\x13RequestPolicyChange\x12%.kmsapi.v1.RequestPolicyChangeRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12g\n\x14ListApprovalRequests\x12&.kmsapi.v1.ListApprovalRequestsRequest\x1a\'.kmsapi.v1.ListApprovalRequestsResponse\x12N\n\x0e\x41pproveRequest\x12 .kmsapi.v1.ApproveRequestRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12L\n\rRejectRequest\x12\x1f.kmsapi.v1.RejectRequestRequest\x1a\x1a.kmsapi.v1.ApprovalRequest\x12U\n\x0e\x45xecuteRequest\x12 .kmsapi.v1.ExecuteRequestRequest\x1a!.kmsapi.v1.ExecuteRequestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +39,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_APPROVALREQUEST_PARAMETERSENTRY']._loaded_options = None
   _globals['_APPROVALREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_APPROVALACTION']._serialized_start=1251
-  _globals['_APPROVALACTION']._serialized_end=1517
-  _globals['_APPROVALSTATE']._serialized_start=1520
-  _globals['_APPROVALSTATE']._serialized_end=1710
-  _globals['_APPROVALVOTE']._serialized_start=96
-  _globals['_APPROVALVOTE']._serialized_end=185
-  _globals['_APPROVALREQUEST']._serialized_start=188
-  _globals['_APPROVALREQUEST']._serialized_end=737
-  _globals['_APPROVALREQUEST_PARAMETERSENTRY']._serialized_start=688
-  _globals['_APPROVALREQUEST_PARAMETERSENTRY']._serialized_end=737
-  _globals['_REQUESTKEYVERSIONDESTRUCTIONREQUEST']._serialized_start=739
-  _globals['_REQUESTKEYVERSIONDESTRUCTIONREQUEST']._serialized_end=865
-  _globals['_LISTAPPROVALREQUESTSREQUEST']._serialized_start=867
-  _globals['_LISTAPPROVALREQUESTSREQUEST']._serialized_end=937
-  _globals['_LISTAPPROVALREQUESTSRESPONSE']._serialized_start=939
-  _globals['_LISTAPPROVALREQUESTSRESPONSE']._serialized_end=1015
-  _globals['_APPROVEREQUESTREQUEST']._serialized_start=1017
-  _globals['_APPROVEREQUESTREQUEST']._serialized_end=1052
-  _globals['_REJECTREQUESTREQUEST']._serialized_start=1054
-  _globals['_REJECTREQUESTREQUEST']._serialized_end=1104
-  _globals['_EXECUTEREQUESTREQUEST']._serialized_start=1106
-  _globals['_EXECUTEREQUESTREQUEST']._serialized_end=1141
-  _globals['_EXECUTEREQUESTRESPONSE']._serialized_start=1143
-  _globals['_EXECUTEREQUESTRESPONSE']._serialized_end=1248
-  _globals['_APPROVALSERVICE']._serialized_start=1713
-  _globals['_APPROVALSERVICE']._serialized_end=2188
+  _globals['_APPROVALACTION']._serialized_start=1778
+  _globals['_APPROVALACTION']._serialized_end=2044
+  _globals['_APPROVALSTATE']._serialized_start=2047
+  _globals['_APPROVALSTATE']._serialized_end=2237
+  _globals['_APPROVALVOTE']._serialized_start=194
+  _globals['_APPROVALVOTE']._serialized_end=283
+  _globals['_APPROVALREQUEST']._serialized_start=286
+  _globals['_APPROVALREQUEST']._serialized_end=835
+  _globals['_APPROVALREQUEST_PARAMETERSENTRY']._serialized_start=786
+  _globals['_APPROVALREQUEST_PARAMETERSENTRY']._serialized_end=835
+  _globals['_REQUESTKEYVERSIONDESTRUCTIONREQUEST']._serialized_start=837
+  _globals['_REQUESTKEYVERSIONDESTRUCTIONREQUEST']._serialized_end=963
+  _globals['_REQUESTSLOTREVOCATIONREQUEST']._serialized_start=965
+  _globals['_REQUESTSLOTREVOCATIONREQUEST']._serialized_end=1026
+  _globals['_REQUESTFLOORLOWERINGREQUEST']._serialized_start=1028
+  _globals['_REQUESTFLOORLOWERINGREQUEST']._serialized_end=1098
+  _globals['_REQUESTDEVICEREPROVISIONINGREQUEST']._serialized_start=1100
+  _globals['_REQUESTDEVICEREPROVISIONINGREQUEST']._serialized_end=1171
+  _globals['_REQUESTPOLICYCHANGEREQUEST']._serialized_start=1173
+  _globals['_REQUESTPOLICYCHANGEREQUEST']._serialized_end=1222
+  _globals['_LISTAPPROVALREQUESTSREQUEST']._serialized_start=1224
+  _globals['_LISTAPPROVALREQUESTSREQUEST']._serialized_end=1294
+  _globals['_LISTAPPROVALREQUESTSRESPONSE']._serialized_start=1296
+  _globals['_LISTAPPROVALREQUESTSRESPONSE']._serialized_end=1372
+  _globals['_APPROVEREQUESTREQUEST']._serialized_start=1374
+  _globals['_APPROVEREQUESTREQUEST']._serialized_end=1409
+  _globals['_REJECTREQUESTREQUEST']._serialized_start=1411
+  _globals['_REJECTREQUESTREQUEST']._serialized_end=1461
+  _globals['_EXECUTEREQUESTREQUEST']._serialized_start=1463
+  _globals['_EXECUTEREQUESTREQUEST']._serialized_end=1498
+  _globals['_EXECUTEREQUESTRESPONSE']._serialized_start=1501
+  _globals['_EXECUTEREQUESTRESPONSE']._serialized_end=1775
+  _globals['_APPROVALSERVICE']._serialized_start=2240
+  _globals['_APPROVALSERVICE']._serialized_end=3097
 # @@protoc_insertion_point(module_scope)

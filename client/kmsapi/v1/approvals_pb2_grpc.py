@@ -39,6 +39,26 @@ class ApprovalServiceStub:
                 request_serializer=kmsapi_dot_v1_dot_approvals__pb2.RequestKeyVersionDestructionRequest.SerializeToString,
                 response_deserializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
                 _registered_method=True)
+        self.RequestSlotRevocation = channel.unary_unary(
+                '/kmsapi.v1.ApprovalService/RequestSlotRevocation',
+                request_serializer=kmsapi_dot_v1_dot_approvals__pb2.RequestSlotRevocationRequest.SerializeToString,
+                response_deserializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+                _registered_method=True)
+        self.RequestFloorLowering = channel.unary_unary(
+                '/kmsapi.v1.ApprovalService/RequestFloorLowering',
+                request_serializer=kmsapi_dot_v1_dot_approvals__pb2.RequestFloorLoweringRequest.SerializeToString,
+                response_deserializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+                _registered_method=True)
+        self.RequestDeviceReprovisioning = channel.unary_unary(
+                '/kmsapi.v1.ApprovalService/RequestDeviceReprovisioning',
+                request_serializer=kmsapi_dot_v1_dot_approvals__pb2.RequestDeviceReprovisioningRequest.SerializeToString,
+                response_deserializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+                _registered_method=True)
+        self.RequestPolicyChange = channel.unary_unary(
+                '/kmsapi.v1.ApprovalService/RequestPolicyChange',
+                request_serializer=kmsapi_dot_v1_dot_approvals__pb2.RequestPolicyChangeRequest.SerializeToString,
+                response_deserializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+                _registered_method=True)
         self.ListApprovalRequests = channel.unary_unary(
                 '/kmsapi.v1.ApprovalService/ListApprovalRequests',
                 request_serializer=kmsapi_dot_v1_dot_approvals__pb2.ListApprovalRequestsRequest.SerializeToString,
@@ -67,6 +87,37 @@ class ApprovalServiceServicer:
     def RequestKeyVersionDestruction(self, request, context):
         """Requests the destruction of a key version (as ScheduleKeyVersionDestruction would do it, after
         delay_seconds, default 24 h). The version must exist; the lifecycle rules are checked again at execution.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestSlotRevocation(self, request, context):
+        """Requests the revocation of a Secure Boot V2 slot of a product. The slot must be ACTIVE and another slot
+        must stay ACTIVE (devices must still boot something).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestFloorLowering(self, request, context):
+        """Requests lowering a product's anti-rollback floor to secure_version (below the current floor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestDeviceReprovisioning(self, request, context):
+        """Requests permission to re-provision a registered device: once executed, the next registration of that
+        device id (DeviceRegistryService.RegisterDevices, by a factory registrar) may carry a different secret,
+        which then replaces the stored one. No secret travels in the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestPolicyChange(self, request, context):
+        """Requests replacing the authorization policy with the given text (validated now and at execution).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +160,26 @@ def add_ApprovalServiceServicer_to_server(servicer, server):
             'RequestKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestKeyVersionDestruction,
                     request_deserializer=kmsapi_dot_v1_dot_approvals__pb2.RequestKeyVersionDestructionRequest.FromString,
+                    response_serializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.SerializeToString,
+            ),
+            'RequestSlotRevocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestSlotRevocation,
+                    request_deserializer=kmsapi_dot_v1_dot_approvals__pb2.RequestSlotRevocationRequest.FromString,
+                    response_serializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.SerializeToString,
+            ),
+            'RequestFloorLowering': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestFloorLowering,
+                    request_deserializer=kmsapi_dot_v1_dot_approvals__pb2.RequestFloorLoweringRequest.FromString,
+                    response_serializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.SerializeToString,
+            ),
+            'RequestDeviceReprovisioning': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestDeviceReprovisioning,
+                    request_deserializer=kmsapi_dot_v1_dot_approvals__pb2.RequestDeviceReprovisioningRequest.FromString,
+                    response_serializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.SerializeToString,
+            ),
+            'RequestPolicyChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPolicyChange,
+                    request_deserializer=kmsapi_dot_v1_dot_approvals__pb2.RequestPolicyChangeRequest.FromString,
                     response_serializer=kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.SerializeToString,
             ),
             'ListApprovalRequests': grpc.unary_unary_rpc_method_handler(
@@ -158,6 +229,114 @@ class ApprovalService:
             target,
             '/kmsapi.v1.ApprovalService/RequestKeyVersionDestruction',
             kmsapi_dot_v1_dot_approvals__pb2.RequestKeyVersionDestructionRequest.SerializeToString,
+            kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestSlotRevocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsapi.v1.ApprovalService/RequestSlotRevocation',
+            kmsapi_dot_v1_dot_approvals__pb2.RequestSlotRevocationRequest.SerializeToString,
+            kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestFloorLowering(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsapi.v1.ApprovalService/RequestFloorLowering',
+            kmsapi_dot_v1_dot_approvals__pb2.RequestFloorLoweringRequest.SerializeToString,
+            kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestDeviceReprovisioning(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsapi.v1.ApprovalService/RequestDeviceReprovisioning',
+            kmsapi_dot_v1_dot_approvals__pb2.RequestDeviceReprovisioningRequest.SerializeToString,
+            kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPolicyChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsapi.v1.ApprovalService/RequestPolicyChange',
+            kmsapi_dot_v1_dot_approvals__pb2.RequestPolicyChangeRequest.SerializeToString,
             kmsapi_dot_v1_dot_approvals__pb2.ApprovalRequest.FromString,
             options,
             channel_credentials,

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kmsapi/v1/devices.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x19GetRegistrationKeyRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\"3\n\x0fRegistrationKey\x12\x13\n\x0bkey_version\x18\x01 \x01(\t\x12\x0b\n\x03pem\x18\x02 \x01(\t\"~\n\x16RegisterDevicesRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .kmsapi.v1.RegisterDevicesHeaderH\x00\x12(\n\x07\x64\x65vices\x18\x02 \x01(\x0b\x32\x15.kmsapi.v1.DeviceRowsH\x00\x42\x06\n\x04part\"b\n\x15RegisterDevicesHeader\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x1d\n\x15transport_key_version\x18\x02 \x01(\t\x12\x19\n\x11wrapped_batch_key\x18\x03 \x01(\x0c\"0\n\nDeviceRows\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.kmsapi.v1.DeviceRow\"c\n\tDeviceRow\x12\x0b\n\x03row\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\x0c\x12\x18\n\x10\x65\x63ies_public_key\x18\x05 \x01(\x0c\"B\n\x17RegisterDevicesResponse\x12\'\n\x08outcomes\x18\x01 \x03(\x0b\x32\x15.kmsapi.v1.RowOutcome\"\xc5\x01\n\nRowOutcome\x12\x0b\n\x03row\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.kmsapi.v1.RowOutcome.Status\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"J\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\r\n\tUNCHANGED\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xca\x01\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bkek_version\x18\x05 \x01(\t\x12\x1c\n\x14has_ecies_public_key\x18\x06 \x01(\x08\x12\x15\n\rregistered_by\x18\x07 \x01(\t\x12\x31\n\rregister_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x01\n\x11GetPayloadRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07release\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.kmsapi.v1.PayloadFormat\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x14\n\x0csegment_size\x18\x05 \x01(\r\x12\"\n\x15\x64\x65vice_secure_version\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_device_secure_version\"U\n\x12GetPayloadResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x16.kmsapi.v1.PayloadInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xcb\x01\n\x0bPayloadInfo\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.kmsapi.v1.PayloadFormat\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x0f\n\x07release\x18\x05 \x01(\t\x12\x16\n\x0esecure_version\x18\x06 \x01(\r\x12\x14\n\x0csegment_size\x18\x07 \x01(\r\x12\x1c\n\x14manifest_key_version\x18\x08 \x01(\t*Y\n\rPayloadFormat\x12\x1e\n\x1aPAYLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46KSP_V1\x10\x01\x12\x1b\n\x17\x45SP_ENCRYPTED_IMG_ECIES\x10\x02\x32\xd5\x02\n\x15\x44\x65viceRegistryService\x12V\n\x12GetRegistrationKey\x12$.kmsapi.v1.GetRegistrationKeyRequest\x1a\x1a.kmsapi.v1.RegistrationKey\x12\\\n\x0fRegisterDevices\x12!.kmsapi.v1.RegisterDevicesRequest\x1a\".kmsapi.v1.RegisterDevicesResponse(\x01\x30\x01\x12?\n\tGetDevice\x12\x1b.kmsapi.v1.GetDeviceRequest\x1a\x15.kmsapi.v1.DeviceInfo\x12\x45\n\x0cRevokeDevice\x12\x1e.kmsapi.v1.RevokeDeviceRequest\x1a\x15.kmsapi.v1.DeviceInfo2b\n\x13\x44istributionService\x12K\n\nGetPayload\x12\x1c.kmsapi.v1.GetPayloadRequest\x1a\x1d.kmsapi.v1.GetPayloadResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kmsapi/v1/devices.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x19GetRegistrationKeyRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\"3\n\x0fRegistrationKey\x12\x13\n\x0bkey_version\x18\x01 \x01(\t\x12\x0b\n\x03pem\x18\x02 \x01(\t\"~\n\x16RegisterDevicesRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .kmsapi.v1.RegisterDevicesHeaderH\x00\x12(\n\x07\x64\x65vices\x18\x02 \x01(\x0b\x32\x15.kmsapi.v1.DeviceRowsH\x00\x42\x06\n\x04part\"b\n\x15RegisterDevicesHeader\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x1d\n\x15transport_key_version\x18\x02 \x01(\t\x12\x19\n\x11wrapped_batch_key\x18\x03 \x01(\x0c\"0\n\nDeviceRows\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.kmsapi.v1.DeviceRow\"c\n\tDeviceRow\x12\x0b\n\x03row\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\x0c\x12\x18\n\x10\x65\x63ies_public_key\x18\x05 \x01(\x0c\"B\n\x17RegisterDevicesResponse\x12\'\n\x08outcomes\x18\x01 \x03(\x0b\x32\x15.kmsapi.v1.RowOutcome\"\xd8\x01\n\nRowOutcome\x12\x0b\n\x03row\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.kmsapi.v1.RowOutcome.Status\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"]\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\r\n\tUNCHANGED\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x11\n\rREPROVISIONED\x10\x04\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x9c\x02\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bkek_version\x18\x05 \x01(\t\x12\x1c\n\x14has_ecies_public_key\x18\x06 \x01(\x08\x12\x15\n\rregistered_by\x18\x07 \x01(\t\x12\x31\n\rregister_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11reprovision_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11secret_generation\x18\n \x01(\r\"\xc5\x01\n\x11GetPayloadRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07release\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.kmsapi.v1.PayloadFormat\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x14\n\x0csegment_size\x18\x05 \x01(\r\x12\"\n\x15\x64\x65vice_secure_version\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_device_secure_version\"U\n\x12GetPayloadResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x16.kmsapi.v1.PayloadInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xcb\x01\n\x0bPayloadInfo\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.kmsapi.v1.PayloadFormat\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x0f\n\x07release\x18\x05 \x01(\t\x12\x16\n\x0esecure_version\x18\x06 \x01(\r\x12\x14\n\x0csegment_size\x18\x07 \x01(\r\x12\x1c\n\x14manifest_key_version\x18\x08 \x01(\t*Y\n\rPayloadFormat\x12\x1e\n\x1aPAYLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46KSP_V1\x10\x01\x12\x1b\n\x17\x45SP_ENCRYPTED_IMG_ECIES\x10\x02\x32\xd5\x02\n\x15\x44\x65viceRegistryService\x12V\n\x12GetRegistrationKey\x12$.kmsapi.v1.GetRegistrationKeyRequest\x1a\x1a.kmsapi.v1.RegistrationKey\x12\\\n\x0fRegisterDevices\x12!.kmsapi.v1.RegisterDevicesRequest\x1a\".kmsapi.v1.RegisterDevicesResponse(\x01\x30\x01\x12?\n\tGetDevice\x12\x1b.kmsapi.v1.GetDeviceRequest\x1a\x15.kmsapi.v1.DeviceInfo\x12\x45\n\x0cRevokeDevice\x12\x1e.kmsapi.v1.RevokeDeviceRequest\x1a\x15.kmsapi.v1.DeviceInfo2b\n\x13\x44istributionService\x12K\n\nGetPayload\x12\x1c.kmsapi.v1.GetPayloadRequest\x1a\x1d.kmsapi.v1.GetPayloadResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kmsapi.v1.devices_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYLOADFORMAT']._serialized_start=1596
-  _globals['_PAYLOADFORMAT']._serialized_end=1685
+  _globals['_PAYLOADFORMAT']._serialized_start=1697
+  _globals['_PAYLOADFORMAT']._serialized_end=1786
   _globals['_GETREGISTRATIONKEYREQUEST']._serialized_start=71
   _globals['_GETREGISTRATIONKEYREQUEST']._serialized_end=115
   _globals['_REGISTRATIONKEY']._serialized_start=117
@@ -49,23 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERDEVICESRESPONSE']._serialized_start=549
   _globals['_REGISTERDEVICESRESPONSE']._serialized_end=615
   _globals['_ROWOUTCOME']._serialized_start=618
-  _globals['_ROWOUTCOME']._serialized_end=815
+  _globals['_ROWOUTCOME']._serialized_end=834
   _globals['_ROWOUTCOME_STATUS']._serialized_start=741
-  _globals['_ROWOUTCOME_STATUS']._serialized_end=815
-  _globals['_GETDEVICEREQUEST']._serialized_start=817
-  _globals['_GETDEVICEREQUEST']._serialized_end=854
-  _globals['_REVOKEDEVICEREQUEST']._serialized_start=856
-  _globals['_REVOKEDEVICEREQUEST']._serialized_end=896
-  _globals['_DEVICEINFO']._serialized_start=899
-  _globals['_DEVICEINFO']._serialized_end=1101
-  _globals['_GETPAYLOADREQUEST']._serialized_start=1104
-  _globals['_GETPAYLOADREQUEST']._serialized_end=1301
-  _globals['_GETPAYLOADRESPONSE']._serialized_start=1303
-  _globals['_GETPAYLOADRESPONSE']._serialized_end=1388
-  _globals['_PAYLOADINFO']._serialized_start=1391
-  _globals['_PAYLOADINFO']._serialized_end=1594
-  _globals['_DEVICEREGISTRYSERVICE']._serialized_start=1688
-  _globals['_DEVICEREGISTRYSERVICE']._serialized_end=2029
-  _globals['_DISTRIBUTIONSERVICE']._serialized_start=2031
-  _globals['_DISTRIBUTIONSERVICE']._serialized_end=2129
+  _globals['_ROWOUTCOME_STATUS']._serialized_end=834
+  _globals['_GETDEVICEREQUEST']._serialized_start=836
+  _globals['_GETDEVICEREQUEST']._serialized_end=873
+  _globals['_REVOKEDEVICEREQUEST']._serialized_start=875
+  _globals['_REVOKEDEVICEREQUEST']._serialized_end=915
+  _globals['_DEVICEINFO']._serialized_start=918
+  _globals['_DEVICEINFO']._serialized_end=1202
+  _globals['_GETPAYLOADREQUEST']._serialized_start=1205
+  _globals['_GETPAYLOADREQUEST']._serialized_end=1402
+  _globals['_GETPAYLOADRESPONSE']._serialized_start=1404
+  _globals['_GETPAYLOADRESPONSE']._serialized_end=1489
+  _globals['_PAYLOADINFO']._serialized_start=1492
+  _globals['_PAYLOADINFO']._serialized_end=1695
+  _globals['_DEVICEREGISTRYSERVICE']._serialized_start=1789
+  _globals['_DEVICEREGISTRYSERVICE']._serialized_end=2130
+  _globals['_DISTRIBUTIONSERVICE']._serialized_start=2132
+  _globals['_DISTRIBUTIONSERVICE']._serialized_end=2230
 # @@protoc_insertion_point(module_scope)

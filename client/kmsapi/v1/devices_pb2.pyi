@@ -247,6 +247,8 @@ class RowOutcome(_message.Message):
         """already registered with the same secret"""
         REJECTED: RowOutcome._Status.ValueType  # 3
         """see code and message"""
+        REPROVISIONED: RowOutcome._Status.ValueType  # 4
+        """a different secret replaced the stored one (an executed re-provisioning request)"""
 
     class Status(_Status, metaclass=_StatusEnumTypeWrapper): ...
     STATUS_UNSPECIFIED: RowOutcome.Status.ValueType  # 0
@@ -255,6 +257,8 @@ class RowOutcome(_message.Message):
     """already registered with the same secret"""
     REJECTED: RowOutcome.Status.ValueType  # 3
     """see code and message"""
+    REPROVISIONED: RowOutcome.Status.ValueType  # 4
+    """a different secret replaced the stored one (an executed re-provisioning request)"""
 
     ROW_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
@@ -334,6 +338,8 @@ class DeviceInfo(_message.Message):
     HAS_ECIES_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     REGISTERED_BY_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
+    REPROVISION_UNTIL_FIELD_NUMBER: _builtins.int
+    SECRET_GENERATION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     product: _builtins.str
     chip: _builtins.str
@@ -343,8 +349,14 @@ class DeviceInfo(_message.Message):
     """"keys/{key_id}/versions/{n}" of the KEK version the secret is wrapped under."""
     has_ecies_public_key: _builtins.bool
     registered_by: _builtins.str
+    secret_generation: _builtins.int
+    """1 for the secret first registered, +1 for every re-provisioning."""
     @_builtins.property
     def register_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reprovision_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while an executed re-provisioning request lets the next registration replace the secret."""
+
     def __init__(
         self,
         *,
@@ -356,10 +368,12 @@ class DeviceInfo(_message.Message):
         has_ecies_public_key: _builtins.bool = ...,
         registered_by: _builtins.str = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
+        reprovision_until: _timestamp_pb2.Timestamp | None = ...,
+        secret_generation: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["register_time", b"register_time", "reprovision_until", b"reprovision_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chip", b"chip", "device_id", b"device_id", "has_ecies_public_key", b"has_ecies_public_key", "kek_version", b"kek_version", "product", b"product", "register_time", b"register_time", "registered_by", b"registered_by", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chip", b"chip", "device_id", b"device_id", "has_ecies_public_key", b"has_ecies_public_key", "kek_version", b"kek_version", "product", b"product", "register_time", b"register_time", "registered_by", b"registered_by", "reprovision_until", b"reprovision_until", "secret_generation", b"secret_generation", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,25 +26,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kmsapi.v1 import common_pb2 as kmsapi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kmsapi/v1/keys.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kmsapi/v1/common.proto\"#\n\x13GetPublicKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8c\x01\n\tPublicKey\x12\x13\n\x0bkey_version\x18\x01 \x01(\t\x12\x30\n\talgorithm\x18\x02 \x01(\x0e\x32\x1d.kmsapi.v1.SignatureAlgorithm\x12\x0b\n\x03pem\x18\x03 \x01(\t\x12\x12\n\npem_crc32c\x18\x04 \x01(\r\x12\x17\n\x0fsbv2_key_digest\x18\x05 \x01(\x0c\"\"\n\x0fListKeysRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\"0\n\x10ListKeysResponse\x12\x1c\n\x04keys\x18\x01 \x03(\x0b\x32\x0e.kmsapi.v1.Key\"\xeb\x01\n\x03Key\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12&\n\x07purpose\x18\x03 \x01(\x0e\x32\x15.kmsapi.v1.KeyPurpose\x12\x30\n\talgorithm\x18\x04 \x01(\x0e\x32\x1d.kmsapi.v1.SignatureAlgorithm\x12\x11\n\tsbv2_slot\x18\x05 \x01(\x05\x12\x17\n\x0fprimary_version\x18\x06 \x01(\t\x12\'\n\x08versions\x18\x07 \x03(\x0b\x32\x15.kmsapi.v1.KeyVersion\x12\x16\n\x0e\x61lgorithm_name\x18\x08 \x01(\t\"v\n\nKeyVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.kmsapi.v1.KeyVersionState\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x97\x01\n\nKeyService\x12\x44\n\x0cGetPublicKey\x12\x1e.kmsapi.v1.GetPublicKeyRequest\x1a\x14.kmsapi.v1.PublicKey\x12\x43\n\x08ListKeys\x12\x1a.kmsapi.v1.ListKeysRequest\x1a\x1b.kmsapi.v1.ListKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kmsapi/v1/keys.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kmsapi/v1/common.proto\"H\n\x1dGetManifestKeyRolloverRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x16\n\x0etrusted_key_id\x18\x02 \x01(\x0c\"\xab\x01\n\x13ManifestKeyRollover\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\x12\n\nto_version\x18\x03 \x01(\t\x12\x13\n\x0b\x66rom_key_id\x18\x04 \x01(\x0c\x12\x11\n\tto_key_id\x18\x05 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x1eGetManifestKeyRolloverResponse\x12\x32\n\nstatements\x18\x01 \x03(\x0b\x32\x1e.kmsapi.v1.ManifestKeyRollover\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63urrent_key_id\x18\x03 \x01(\x0c\"#\n\x13GetPublicKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8c\x01\n\tPublicKey\x12\x13\n\x0bkey_version\x18\x01 \x01(\t\x12\x30\n\talgorithm\x18\x02 \x01(\x0e\x32\x1d.kmsapi.v1.SignatureAlgorithm\x12\x0b\n\x03pem\x18\x03 \x01(\t\x12\x12\n\npem_crc32c\x18\x04 \x01(\r\x12\x17\n\x0fsbv2_key_digest\x18\x05 \x01(\x0c\"\"\n\x0fListKeysRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\"0\n\x10ListKeysResponse\x12\x1c\n\x04keys\x18\x01 \x03(\x0b\x32\x0e.kmsapi.v1.Key\"\xeb\x01\n\x03Key\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12&\n\x07purpose\x18\x03 \x01(\x0e\x32\x15.kmsapi.v1.KeyPurpose\x12\x30\n\talgorithm\x18\x04 \x01(\x0e\x32\x1d.kmsapi.v1.SignatureAlgorithm\x12\x11\n\tsbv2_slot\x18\x05 \x01(\x05\x12\x17\n\x0fprimary_version\x18\x06 \x01(\t\x12\'\n\x08versions\x18\x07 \x03(\x0b\x32\x15.kmsapi.v1.KeyVersion\x12\x16\n\x0e\x61lgorithm_name\x18\x08 \x01(\t\"v\n\nKeyVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.kmsapi.v1.KeyVersionState\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x86\x02\n\nKeyService\x12\x44\n\x0cGetPublicKey\x12\x1e.kmsapi.v1.GetPublicKeyRequest\x1a\x14.kmsapi.v1.PublicKey\x12\x43\n\x08ListKeys\x12\x1a.kmsapi.v1.ListKeysRequest\x1a\x1b.kmsapi.v1.ListKeysResponse\x12m\n\x16GetManifestKeyRollover\x12(.kmsapi.v1.GetManifestKeyRolloverRequest\x1a).kmsapi.v1.GetManifestKeyRolloverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kmsapi.v1.keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPUBLICKEYREQUEST']._serialized_start=92
-  _globals['_GETPUBLICKEYREQUEST']._serialized_end=127
-  _globals['_PUBLICKEY']._serialized_start=130
-  _globals['_PUBLICKEY']._serialized_end=270
-  _globals['_LISTKEYSREQUEST']._serialized_start=272
-  _globals['_LISTKEYSREQUEST']._serialized_end=306
-  _globals['_LISTKEYSRESPONSE']._serialized_start=308
-  _globals['_LISTKEYSRESPONSE']._serialized_end=356
-  _globals['_KEY']._serialized_start=359
-  _globals['_KEY']._serialized_end=594
-  _globals['_KEYVERSION']._serialized_start=596
-  _globals['_KEYVERSION']._serialized_end=714
-  _globals['_KEYSERVICE']._serialized_start=717
-  _globals['_KEYSERVICE']._serialized_end=868
+  _globals['_GETMANIFESTKEYROLLOVERREQUEST']._serialized_start=92
+  _globals['_GETMANIFESTKEYROLLOVERREQUEST']._serialized_end=164
+  _globals['_MANIFESTKEYROLLOVER']._serialized_start=167
+  _globals['_MANIFESTKEYROLLOVER']._serialized_end=338
+  _globals['_GETMANIFESTKEYROLLOVERRESPONSE']._serialized_start=341
+  _globals['_GETMANIFESTKEYROLLOVERRESPONSE']._serialized_end=474
+  _globals['_GETPUBLICKEYREQUEST']._serialized_start=476
+  _globals['_GETPUBLICKEYREQUEST']._serialized_end=511
+  _globals['_PUBLICKEY']._serialized_start=514
+  _globals['_PUBLICKEY']._serialized_end=654
+  _globals['_LISTKEYSREQUEST']._serialized_start=656
+  _globals['_LISTKEYSREQUEST']._serialized_end=690
+  _globals['_LISTKEYSRESPONSE']._serialized_start=692
+  _globals['_LISTKEYSRESPONSE']._serialized_end=740
+  _globals['_KEY']._serialized_start=743
+  _globals['_KEY']._serialized_end=978
+  _globals['_KEYVERSION']._serialized_start=980
+  _globals['_KEYVERSION']._serialized_end=1098
+  _globals['_KEYSERVICE']._serialized_start=1101
+  _globals['_KEYSERVICE']._serialized_end=1363
 # @@protoc_insertion_point(module_scope)

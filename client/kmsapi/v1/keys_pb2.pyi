@@ -23,6 +23,96 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GetManifestKeyRolloverRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    TRUSTED_KEY_ID_FIELD_NUMBER: _builtins.int
+    product: _builtins.str
+    trusted_key_id: _builtins.bytes
+    """The manifest key id the device trusts: SHA-256 of the DER SubjectPublicKeyInfo (as in FKSP headers)."""
+    def __init__(
+        self,
+        *,
+        product: _builtins.str = ...,
+        trusted_key_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["product", b"product", "trusted_key_id", b"trusted_key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManifestKeyRolloverRequest: _TypeAlias = GetManifestKeyRolloverRequest  # noqa: Y015
+
+@_typing.final
+class ManifestKeyRollover(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    FROM_KEY_ID_FIELD_NUMBER: _builtins.int
+    TO_KEY_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    statement: _builtins.bytes
+    """the signed statement, as devices read it"""
+    from_version: _builtins.str
+    """"keys/K/versions/N": the signer"""
+    to_version: _builtins.str
+    """"keys/K/versions/N+k": the key it introduces"""
+    from_key_id: _builtins.bytes
+    to_key_id: _builtins.bytes
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        statement: _builtins.bytes = ...,
+        from_version: _builtins.str = ...,
+        to_version: _builtins.str = ...,
+        from_key_id: _builtins.bytes = ...,
+        to_key_id: _builtins.bytes = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "from_key_id", b"from_key_id", "from_version", b"from_version", "statement", b"statement", "to_key_id", b"to_key_id", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ManifestKeyRollover: _TypeAlias = ManifestKeyRollover  # noqa: Y015
+
+@_typing.final
+class GetManifestKeyRolloverResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENTS_FIELD_NUMBER: _builtins.int
+    CURRENT_VERSION_FIELD_NUMBER: _builtins.int
+    CURRENT_KEY_ID_FIELD_NUMBER: _builtins.int
+    current_version: _builtins.str
+    """the product's manifest key version now signing payloads"""
+    current_key_id: _builtins.bytes
+    @_builtins.property
+    def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestKeyRollover]:
+        """oldest first; apply in order"""
+
+    def __init__(
+        self,
+        *,
+        statements: _abc.Iterable[Global___ManifestKeyRollover] | None = ...,
+        current_version: _builtins.str = ...,
+        current_key_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_key_id", b"current_key_id", "current_version", b"current_version", "statements", b"statements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManifestKeyRolloverResponse: _TypeAlias = GetManifestKeyRolloverResponse  # noqa: Y015
+
+@_typing.final
 class GetPublicKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

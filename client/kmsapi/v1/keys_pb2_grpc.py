@@ -44,6 +44,11 @@ class KeyServiceStub:
                 request_serializer=kmsapi_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=kmsapi_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.GetManifestKeyRollover = channel.unary_unary(
+                '/kmsapi.v1.KeyService/GetManifestKeyRollover',
+                request_serializer=kmsapi_dot_v1_dot_keys__pb2.GetManifestKeyRolloverRequest.SerializeToString,
+                response_deserializer=kmsapi_dot_v1_dot_keys__pb2.GetManifestKeyRolloverResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -63,6 +68,17 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetManifestKeyRollover(self, request, context):
+        """OTA manifest key rollover: the chain of rotation statements (each new manifest public key signed by the
+        previous one) that moves a device trusting `trusted_key_id` to the product's current manifest key, oldest
+        first. Format byte by byte: docs/manifest-key-rollover.md. Empty when the device already trusts the
+        current key; FAILED_PRECONDITION when the chain has a gap (a version was made while its predecessor was
+        not enabled: such devices need a reflash); NOT_FOUND for a key id the product never had.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +91,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=kmsapi_dot_v1_dot_keys__pb2.ListKeysRequest.FromString,
                     response_serializer=kmsapi_dot_v1_dot_keys__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'GetManifestKeyRollover': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifestKeyRollover,
+                    request_deserializer=kmsapi_dot_v1_dot_keys__pb2.GetManifestKeyRolloverRequest.FromString,
+                    response_serializer=kmsapi_dot_v1_dot_keys__pb2.GetManifestKeyRolloverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +152,33 @@ class KeyService:
             '/kmsapi.v1.KeyService/ListKeys',
             kmsapi_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
             kmsapi_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifestKeyRollover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsapi.v1.KeyService/GetManifestKeyRollover',
+            kmsapi_dot_v1_dot_keys__pb2.GetManifestKeyRolloverRequest.SerializeToString,
+            kmsapi_dot_v1_dot_keys__pb2.GetManifestKeyRolloverResponse.FromString,
             options,
             channel_credentials,
             insecure,

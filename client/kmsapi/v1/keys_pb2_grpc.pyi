@@ -37,6 +37,13 @@ class KeyServiceStub:
     """Returns a key version's public key as PEM, and its Secure Boot V2 eFuse key digest."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListKeysRequest, _keys_pb2.ListKeysResponse]
     """Lists keys, optionally of one product, with their versions."""
+    GetManifestKeyRollover: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetManifestKeyRolloverRequest, _keys_pb2.GetManifestKeyRolloverResponse]
+    """OTA manifest key rollover: the chain of rotation statements (each new manifest public key signed by the
+    previous one) that moves a device trusting `trusted_key_id` to the product's current manifest key, oldest
+    first. Format byte by byte: docs/manifest-key-rollover.md. Empty when the device already trusts the
+    current key; FAILED_PRECONDITION when the chain has a gap (a version was made while its predecessor was
+    not enabled: such devices need a reflash); NOT_FOUND for a key id the product never had.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -45,6 +52,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """Returns a key version's public key as PEM, and its Secure Boot V2 eFuse key digest."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListKeysRequest, _keys_pb2.ListKeysResponse]  # type: ignore[assignment]
     """Lists keys, optionally of one product, with their versions."""
+    GetManifestKeyRollover: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetManifestKeyRolloverRequest, _keys_pb2.GetManifestKeyRolloverResponse]  # type: ignore[assignment]
+    """OTA manifest key rollover: the chain of rotation statements (each new manifest public key signed by the
+    previous one) that moves a device trusting `trusted_key_id` to the product's current manifest key, oldest
+    first. Format byte by byte: docs/manifest-key-rollover.md. Empty when the device already trusts the
+    current key; FAILED_PRECONDITION when the chain has a gap (a version was made while its predecessor was
+    not enabled: such devices need a reflash); NOT_FOUND for a key id the product never had.
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -62,5 +76,18 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.ListKeysResponse, _abc.Awaitable[_keys_pb2.ListKeysResponse]]:
         """Lists keys, optionally of one product, with their versions."""
+
+    @_abc_1.abstractmethod
+    def GetManifestKeyRollover(
+        self,
+        request: _keys_pb2.GetManifestKeyRolloverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.GetManifestKeyRolloverResponse, _abc.Awaitable[_keys_pb2.GetManifestKeyRolloverResponse]]:
+        """OTA manifest key rollover: the chain of rotation statements (each new manifest public key signed by the
+        previous one) that moves a device trusting `trusted_key_id` to the product's current manifest key, oldest
+        first. Format byte by byte: docs/manifest-key-rollover.md. Empty when the device already trusts the
+        current key; FAILED_PRECONDITION when the chain has a gap (a version was made while its predecessor was
+        not enabled: such devices need a reflash); NOT_FOUND for a key id the product never had.
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
