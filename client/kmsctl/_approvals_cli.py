@@ -6,12 +6,14 @@
     kmsctl approvals reject ID --reason TEXT
     kmsctl approvals execute ID
 
-An officer requests the destruction of a key version (``ApprovalService.RequestKeyVersionDestruction``);
-the server's required number of *other* officers approve it, each with their own certificate (``--identity``
-and the connection options choose it); then any officer executes it, which schedules the destruction as
-``ScheduleKeyVersionDestruction`` did (that RPC now refuses). A request expires after the server's
-``[dual_control] ttl_seconds``. VERSION is ``keys/ID/versions/N`` or ``ID/versions/N``. ``--json`` prints the
-request (and, for ``execute``, the key's scheduled destructions) as JSON.
+An officer requests an act that destroys or weakens: the destruction of a key version (``request-destroy``
+here, ``ApprovalService.RequestKeyVersionDestruction``), a Secure Boot V2 slot revocation (``kmsctl slots
+revoke``), an anti-rollback floor lowering (``kmsctl floor lower``), a device re-provisioning (``kmsctl
+devices reprovision``) or a policy change (``kmsctl policy propose``). The server's required number of
+*other* officers approve it, each with their own certificate (``--identity`` and the connection options
+choose it); then any officer executes it. A request expires after the server's ``[dual_control]
+ttl_seconds``. VERSION is ``keys/ID/versions/N`` or ``ID/versions/N``. ``--json`` prints the request (and,
+for ``execute``, the act's result) as JSON.
 """
 
 from __future__ import annotations
@@ -239,6 +241,22 @@ def _execute(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl.cli import Outcome
 
     response = ApprovalClient.of(client).execute(args.id)
+    if response.HasField("slot"):  # a Secure Boot V2 slot revocation
+        from kmsctl._slots_cli import executed_revocation
+
+        return executed_revocation(response)
+    if response.HasField("floor"):  # an anti-rollback floor lowering
+        from kmsctl._floor_cli import executed_lowering
+
+        return executed_lowering(response)
+    if response.HasField("device"):  # a device opened for re-provisioning
+        from kmsctl._reprovision_cli import executed_reprovisioning
+
+        return executed_reprovisioning(response)
+    if response.HasField("policy"):  # an authorization policy change
+        from kmsctl._policy_cli import executed_policy_change
+
+        return executed_policy_change(response)
     scheduled = {s.key_version: _time(s, "destroy_time") for s in response.key.scheduled_destructions}
     data = {"request": request_json(response.request), "scheduled_destructions": scheduled}
     target = response.request.target

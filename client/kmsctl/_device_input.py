@@ -218,6 +218,7 @@ class RegisterState:
     last_row: int = 0
     created: int = 0
     unchanged: int = 0
+    reprovisioned: int = 0  # registered before; a different secret replaced it (officers allowed it)
     invalid: int = 0  # rejected rows other than conflicts, including malformed input rows
     conflicts: int = 0  # ALREADY_EXISTS: registered before with another secret
     rejected: list[dict[str, Any]] = field(default_factory=list)

@@ -201,6 +201,7 @@ class RegistrationStatus(enum.Enum):
     CREATED = "created"
     UNCHANGED = "unchanged"  # already registered with the same secret: a no-op
     REJECTED = "rejected"
+    REPROVISIONED = "reprovisioned"  # officers opened the device: this secret replaced the stored one
 
 
 @dataclass(frozen=True)
@@ -229,10 +230,11 @@ class RegistrationSummary:
     unchanged: int
     rejected: list[RowOutcome]
     transport_key_version: str = ""
+    reprovisioned: int = 0
 
     @property
     def total(self) -> int:
-        return self.created + self.unchanged + len(self.rejected)
+        return self.created + self.unchanged + self.reprovisioned + len(self.rejected)
 
 
 class DeviceState(enum.Enum):
@@ -253,6 +255,8 @@ class DeviceInfo:
     has_ecies_public_key: bool
     registered_by: str
     register_time: datetime | None
+    secret_generation: int = 1  # +1 per re-provisioning
+    reprovision_until: datetime | None = None  # open for re-provisioning until then
 
 
 class PayloadFormat(enum.Enum):

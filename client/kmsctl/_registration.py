@@ -165,6 +165,7 @@ class Registration:
         self._done = 0
         self._created = 0
         self._unchanged = 0
+        self._reprovisioned = 0
         self._rejected: list[RowOutcome] = []
 
     def run(self) -> RegistrationSummary:
@@ -182,6 +183,7 @@ class Registration:
             unchanged=self._unchanged,
             rejected=self._rejected,
             transport_key_version=self._batch_key.key_version if self._batch_key is not None else "",
+            reprovisioned=self._reprovisioned,
         )
 
     # -- the caller's thread -----------------------------------------------------------------------------
@@ -249,6 +251,8 @@ class Registration:
                 self._created += 1
             elif outcome.status is RegistrationStatus.UNCHANGED:
                 self._unchanged += 1
+            elif outcome.status is RegistrationStatus.REPROVISIONED:
+                self._reprovisioned += 1
             else:
                 self._rejected.append(outcome)
             if self._on_outcome is not None:

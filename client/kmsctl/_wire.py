@@ -165,6 +165,7 @@ _ROW_STATUSES: dict[int, RegistrationStatus] = {
     devices_pb2.RowOutcome.CREATED: RegistrationStatus.CREATED,
     devices_pb2.RowOutcome.UNCHANGED: RegistrationStatus.UNCHANGED,
     devices_pb2.RowOutcome.REJECTED: RegistrationStatus.REJECTED,
+    devices_pb2.RowOutcome.REPROVISIONED: RegistrationStatus.REPROVISIONED,
 }
 _DEVICE_STATES = {"active": DeviceState.ACTIVE, "revoked": DeviceState.REVOKED}
 PAYLOAD_FORMATS: dict[PayloadFormatName, devices_pb2.PayloadFormat.ValueType] = {
@@ -209,6 +210,8 @@ def device_info(message: devices_pb2.DeviceInfo) -> DeviceInfo:
         has_ecies_public_key=message.has_ecies_public_key,
         registered_by=message.registered_by,
         register_time=_timestamp(message, "register_time"),
+        secret_generation=message.secret_generation,
+        reprovision_until=_timestamp(message, "reprovision_until"),
     )
 
 

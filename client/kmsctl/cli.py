@@ -17,6 +17,7 @@ Synopsis::
     kmsctl keys cancel-destroy VERSION
     kmsctl keys set-rotation KEY (--period DURATION [--first-rotation TIME] | --clear)
     kmsctl keys history NAME
+    kmsctl keys rollover --product PRODUCT (--trusted-key-id HEX | --trusted-key PEM) -o FILE
     kmsctl devices new-secret -o KEY.bin [--ecies]
     kmsctl devices register --product PRODUCT (--csv FILE | --jsonl FILE) [--plain-secrets]
                             [--state-file FILE] [--batch-size N]
@@ -423,6 +424,8 @@ class _RegisterRun:
             self.state.created += 1
         elif outcome.status is RegistrationStatus.UNCHANGED:
             self.state.unchanged += 1
+        elif outcome.status is RegistrationStatus.REPROVISIONED:
+            self.state.reprovisioned += 1
         else:
             self.rejected.append(
                 self.state.record(outcome.row, outcome.device_id, outcome.code, outcome.message)
@@ -519,6 +522,7 @@ def _register_outcome(
         "transport_key_version": transport_key_version,
         "created": state.created,
         "unchanged": state.unchanged,
+        "reprovisioned": state.reprovisioned,
         "rejected_count": rejected_count,
         "invalid": state.invalid,
         "conflicts": state.conflicts,
@@ -536,6 +540,7 @@ def _register_outcome(
     lines += _rows(
         ("created", str(state.created)),
         ("unchanged", str(state.unchanged)),
+        ("reprovisioned", str(state.reprovisioned) if state.reprovisioned else ""),
         ("rejected", f"{rejected_count} ({state.invalid} invalid, {state.conflicts} already registered)"),
     )
     problems = [
@@ -569,6 +574,11 @@ def _device_summary(title: str, device: DeviceInfo) -> str:
                 ("ecies key", "yes" if device.has_ecies_public_key else "no"),
                 ("registered by", device.registered_by),
                 ("registered at", device.register_time.isoformat() if device.register_time else ""),
+                ("generation", str(device.secret_generation)),
+                (
+                    "reprovision by",
+                    device.reprovision_until.isoformat() if device.reprovision_until else "",
+                ),
             ),
         ]
     )
@@ -822,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kmsctl._admin_cli import add_key_admin_commands  # imports this module: see its docstring
 
     add_key_admin_commands(key_commands, [connection, output])
+    from kmsctl._rollover_cli import add_rollover_commands  # imports this module lazily: see its docstring
+
+    add_rollover_commands(key_commands, [connection, output])
     from kmsctl._audit_cli import add_audit_commands  # imports this module lazily: see its docstring
 
     add_audit_commands(commands, add, _connect)
@@ -831,6 +844,15 @@ def build_parser() -> argparse.ArgumentParser:
     from kmsctl._approvals_cli import add_approval_commands  # imports this module lazily: see its docstring
 
     add_approval_commands(commands, [connection, output])
+    from kmsctl._policy_cli import add_policy_commands  # imports this module lazily: see its docstring
+
+    add_policy_commands(commands, [connection, output])
+    from kmsctl._floor_cli import add_floor_commands  # imports this module lazily: see its docstring
+
+    add_floor_commands(commands, [connection, output])
+    from kmsctl._slots_cli import add_slot_commands  # imports this module lazily: see its docstring
+
+    add_slot_commands(commands, [connection, output])
 
     devices = commands.add_parser(
         "devices", help="Register and manage devices (factory).", description="Register and manage devices."
@@ -903,6 +925,9 @@ def build_parser() -> argparse.ArgumentParser:
         identity=SECURITY_OFFICER,
     )
     revoke.add_argument("device_id", metavar="DEVICE_ID")
+    from kmsctl._reprovision_cli import add_reprovision_command  # imports this module lazily
+
+    add_reprovision_command(device_commands, [connection, output])
 
     payload = commands.add_parser(
         "payload", help="Fetch per-device payloads (distribution).", description="Fetch per-device payloads."
@@ -950,8 +975,9 @@ input: CSV (header line) or JSON Lines with the fields
 Row numbers are line numbers in the file (a CSV file's first device is row 2).
 
 registration exit codes: 0 every row registered (created, or unchanged: registered before with
-the same secret); 3 a row was rejected as invalid (wins over 5); 5 a device is already registered
-with another secret. Counts include the earlier runs of a resumed registration.
+the same secret, or reprovisioned: a new secret that officers allowed, see `devices reprovision`);
+3 a row was rejected as invalid (wins over 5); 5 a device is already registered with another
+secret. Counts include the earlier runs of a resumed registration.
 
 """
 

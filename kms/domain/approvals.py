@@ -23,6 +23,15 @@ States::
 
 Refusals are ``FailedPrecondition`` (the rules refuse it in this state) or ``PermissionDenied`` (this officer
 may not vote on this request), with messages that say why.
+
+Product scope
+-------------
+Every request belongs to one product, held in its parameters under ``PRODUCT_PARAMETER`` (``"product"``)
+and filled by the act that prepared the request (the product of the key version to destroy, ...). Only
+officers whose scope includes that product see the request, vote on it or execute it
+(``kms.service.approvals``). A request without that parameter (one made before it existed, or by an act
+that forgot it) counts as one of ``SYSTEM_PRODUCT``: only officers with every product may touch it, which
+fails closed. Changing the authorization policy is an act on ``SYSTEM_PRODUCT`` itself.
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ from types import MappingProxyType
 from typing import Protocol
 
 from kms.domain.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from kms.domain.keys import SYSTEM_PRODUCT, validate_product
+
+PRODUCT_PARAMETER = "product"
+"""The parameter that names the product a request belongs to (every act's ``prepare`` must set it)."""
 
 DEFAULT_REQUIRED = 2
 DEFAULT_TTL = timedelta(hours=24)
@@ -43,13 +56,13 @@ MAX_PARAMETER_LENGTH = 256
 
 
 class Action(enum.Enum):
-    """The acts under dual control. Only DESTROY_KEY_VERSION is gated today; the others are reserved."""
+    """The acts under dual control (their acts are given to ``kms.server.approval_servicers``)."""
 
     DESTROY_KEY_VERSION = "destroy-key-version"
-    REVOKE_SBV2_SLOT = "revoke-sbv2-slot"  # future
-    LOWER_ROLLBACK_FLOOR = "lower-rollback-floor"  # future
-    REPROVISION_DEVICE_SECRET = "reprovision-device-secret"  # noqa: S105 - future; no secret
-    CHANGE_AUTHORIZATION_POLICY = "change-authorization-policy"  # future
+    REVOKE_SBV2_SLOT = "revoke-sbv2-slot"
+    LOWER_ROLLBACK_FLOOR = "lower-rollback-floor"
+    REPROVISION_DEVICE_SECRET = "reprovision-device-secret"  # noqa: S105 - an act's name, no secret
+    CHANGE_AUTHORIZATION_POLICY = "change-authorization-policy"
 
 
 class ApprovalState(enum.Enum):
@@ -98,6 +111,11 @@ class ApprovalRequest:
     executed_at: datetime | None = None
     executed_by: str | None = None
 
+    @property
+    def product(self) -> str:
+        """The product the request belongs to (``PRODUCT_PARAMETER``; ``SYSTEM_PRODUCT`` without it)."""
+        return product_of(self.parameters)
+
     def state_at(self, now: datetime) -> ApprovalState:
         """The state at ``now``: rejection and execution are final; otherwise expiry, then the vote count."""
         if self.executed_at is not None:
@@ -109,6 +127,11 @@ class ApprovalRequest:
         if len(self.approvals) >= self.required:
             return ApprovalState.APPROVED
         return ApprovalState.PENDING
+
+
+def product_of(parameters: Mapping[str, str]) -> str:
+    """The product named by a request's ``parameters``; ``SYSTEM_PRODUCT`` when none is (fail closed)."""
+    return parameters.get(PRODUCT_PARAMETER, SYSTEM_PRODUCT)
 
 
 def new_request(
@@ -128,6 +151,7 @@ def new_request(
         raise InvalidArgument(
             f"at most {MAX_PARAMETERS} parameters of at most {MAX_PARAMETER_LENGTH} characters"
         )
+    validate_product(product_of(parameters))
     return ApprovalRequest(
         id=request_id,
         action=action,

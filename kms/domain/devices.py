@@ -7,16 +7,27 @@ mechanism and the KEK version, and a *fingerprint*: one HMAC-SHA256 keyed by the
 label no payload key derivation uses (``FINGERPRINT_LABEL``), computed inside the HSM. The fingerprint lets
 the registry tell "the same device registered again with the same secret" (a no-op) from "a different secret"
 (ALREADY_EXISTS) without unwrapping anything, and survives KEK rotation.
+
+Re-provisioning (a device whose secret must be replaced, e.g. after a repair that burned a new eFuse key
+block) is an act under dual control: once officers approved and executed a request for the device
+(``ApprovalService.RequestDeviceReprovisioning``), the device is *open for re-provisioning* until the
+request's expiry (``reprovision_until``). While open, the next registration of that device id with a
+different secret replaces the stored one (``registration_outcome`` says REPROVISIONED; ``reprovisioned``
+builds the device), increments ``secret_generation`` and closes the window; the same secret again is
+UNCHANGED and leaves it open. The ECIES public key (esp_encrypted_img) is derived from the eFuse secret on
+the device, so the old one is never kept: the re-provisioning row's key (or none) replaces it. A revoked
+device cannot be re-provisioned (``check_reprovisionable``); revoking closes an open window.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Protocol
 
-from kms.domain.errors import InvalidArgument
+from kms.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KmsError
 
 SECRET_SIZE = 32
 DEVICE_ID_MAX = 64
@@ -37,6 +48,7 @@ class Registration(enum.Enum):
 
     CREATED = "created"
     UNCHANGED = "unchanged"  # already registered with the same secret: a no-op
+    REPROVISIONED = "reprovisioned"  # open for re-provisioning: a different secret replaced the stored one
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,16 @@ class Device:
     registered_by: str
     registered_at: datetime
     ecies_public_key: bytes | None = None  # X||Y of the esp_encrypted_img device key, 64 bytes, if registered
+    secret_generation: int = 1  # 1 for the secret first registered, +1 per re-provisioning
+    reprovision_until: datetime | None = None  # open for re-provisioning before this moment
+    reprovision_request: str | None = None  # the approval request that opened it
+
+    def open_for_reprovisioning(self, now: datetime) -> bool:
+        return (
+            self.state is DeviceState.ACTIVE
+            and self.reprovision_until is not None
+            and now < self.reprovision_until
+        )
 
 
 def validate_device_id(device_id: str) -> str:
@@ -70,3 +92,65 @@ def validate_device_id(device_id: str) -> str:
             f"use 1-{DEVICE_ID_MAX} printable ASCII characters, no spaces"
         )
     return device_id
+
+
+def check_reprovisionable(device: Device) -> Device:
+    """Refuse (``FailedPrecondition``) to open a revoked device for re-provisioning."""
+    if device.state is not DeviceState.ACTIVE:
+        raise FailedPrecondition(
+            f"device {device.device_id!r} is {device.state.value}; a revoked device cannot be re-provisioned "
+            "(register the hardware under a new device id)"
+        )
+    return device
+
+
+def registration_outcome(existing: Device | None, candidate: Device) -> Registration | KmsError:
+    """What registering ``candidate`` does given the ``existing`` device of that id; ``candidate``'s
+    ``registered_at`` is the moment of this registration (it decides whether a window is still open)."""
+    if existing is None:
+        return Registration.CREATED
+    if existing.fingerprint == candidate.fingerprint and existing.product == candidate.product:
+        return Registration.UNCHANGED
+    device_id = candidate.device_id
+    if not existing.open_for_reprovisioning(candidate.registered_at):
+        return AlreadyExists(
+            f"device {device_id!r} is already registered with a different secret or product; replacing its "
+            "secret needs an approved re-provisioning request of security officers "
+            f"('kmsctl devices reprovision {device_id} --reason ...')"
+        )
+    if existing.product != candidate.product:
+        return AlreadyExists(
+            f"device {device_id!r} is registered for another product; re-provisioning replaces the secret "
+            "and keeps the product: register it under its own product"
+        )
+    if existing.chip != candidate.chip:
+        return FailedPrecondition(
+            f"device {device_id!r} is registered as an {existing.chip}, not an {candidate.chip}; "
+            "re-provisioning replaces the secret of the same device: check the chip of this row"
+        )
+    return Registration.REPROVISIONED
+
+
+def reprovisioned(existing: Device, candidate: Device) -> Device:
+    """``existing`` with ``candidate``'s secret (and ECIES key, derived from it), next generation, closed."""
+    return replace(
+        existing,
+        secret=candidate.secret,
+        fingerprint=candidate.fingerprint,
+        ecies_public_key=candidate.ecies_public_key,
+        secret_generation=existing.secret_generation + 1,
+        reprovision_until=None,
+        reprovision_request=None,
+    )
+
+
+class ReprovisioningRepository(Protocol):
+    """The registry's part that opens devices for re-provisioning (``kms.store.devices``)."""
+
+    def get(self, device_id: str) -> Device:
+        """``NotFound`` if the device is not registered."""
+        ...
+
+    def open_reprovisioning(self, device_id: str, until: datetime, request_id: str) -> Device:
+        """In one transaction: ``check_reprovisionable``, then open the window; the device afterwards."""
+        ...

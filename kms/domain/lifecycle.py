@@ -63,6 +63,8 @@ from types import MappingProxyType
 
 from kms.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from kms.domain.keys import Key, KeyName, KeyPurpose, KeyVersion, KeyVersionState
+from kms.domain.releases import SignatureRecord
+from kms.domain.rollover import ManifestKeyRollover
 
 ENABLED = KeyVersionState.ENABLED
 DISABLED = KeyVersionState.DISABLED
@@ -210,7 +212,9 @@ class LifecycleChange:
 
     The store applies it only if the key's versions and their states are still ``based_on`` and its primary
     is still ``based_on_primary``; otherwise it refuses (someone changed the key meanwhile) and writes
-    nothing. ``next_rotation_at`` None leaves the stored rotation time as it is.
+    nothing. ``next_rotation_at`` None leaves the stored rotation time as it is. ``rollover`` is the
+    statement introducing an OTA manifest key's ``new_version`` (``kms.domain.rollover``) and ``key_uses``
+    the key uses made to sign it; both are written in the same transaction as the rest.
     """
 
     key_id: str
@@ -221,6 +225,8 @@ class LifecycleChange:
     new_version: KeyVersion | None = None
     next_rotation_at: datetime | None = None
     transitions: tuple[Transition, ...] = ()
+    rollover: ManifestKeyRollover | None = None
+    key_uses: tuple[SignatureRecord, ...] = ()
 
     @property
     def is_empty(self) -> bool:

@@ -15,19 +15,42 @@ a set of products or to every product. An identity no rule names gets ``default`
 
 The scope travels on the ``Caller`` (``Caller.products``; ``None`` is every product), attached once per
 call by ``scoped_caller``. Refusals are ``PermissionDenied`` and name the product.
+
+The service's own product
+-------------------------
+``SYSTEM_PRODUCT`` (``kms``) names what belongs to the service rather than to a product: the audit key and
+the authorization policy itself. Only an identity with every product (``"*"``, or an unscoped default) acts
+for it; a policy cannot grant it by name (``parse_policy`` refuses ``"kms"`` in a list), so an officer scoped
+to some products can never rewrite the policy that scopes it.
+
+Policy text and versions
+------------------------
+``parse_policy_text`` reads the TOML format of the ``[policy]`` file (``kms.server.policy_file``), which is
+also the text an officer proposes for a change under dual control (``kms.service.policy``). A change is
+refused when it would lock the officers out (``require_officer_access``). ``StoredPolicy`` is one installed
+version; ``PolicyRepository`` is where versions and proposed texts live (``kms.store.policy``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
 
 from kms.domain.errors import InvalidArgument, PermissionDenied
-from kms.domain.identity import Caller
-from kms.domain.keys import validate_product
+from kms.domain.identity import Caller, Role
+from kms.domain.keys import SYSTEM_PRODUCT, validate_product
 
 _SPIFFE = "spiffe://"
+_OFFICER_ROLE = Role.SECURITY_OFFICER.value
+_DEFAULTS = {"all": True, "none": False}
+
+MAX_POLICY_BYTES = 64 * 1024
+"""The largest policy text (UTF-8) accepted for a change (``RequestPolicyChange``)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,11 @@ class ScopeRule:
             )
         for product in self.products or ():
             validate_product(product)
+            if product == SYSTEM_PRODUCT:
+                raise InvalidArgument(
+                    f"policy: {self.pattern!r}: {SYSTEM_PRODUCT!r} is the service's own product (audit key, "
+                    'authorization policy); only "*" (every product) grants it'
+                )
 
     @property
     def is_prefix(self) -> bool:
@@ -56,6 +84,23 @@ class ScopeRule:
         if self.is_prefix:
             return identity.startswith(self.pattern[:-1])
         return identity == self.pattern
+
+    def _segments(self) -> list[str]:
+        """The trust domain and path segments the rule fixes (a pattern's final ``*`` dropped)."""
+        segments = self.pattern.removeprefix(_SPIFFE).split("/")
+        return segments[:-1] if self.is_prefix else segments
+
+    def may_name_officers(self) -> bool:
+        """Whether some security officer identity (``spiffe://TD/security-officer/NAME``) matches."""
+        segments = self._segments()
+        if self.is_prefix:
+            return len(segments) == 1 or segments[1] == _OFFICER_ROLE
+        return len(segments) >= 3 and segments[1] == _OFFICER_ROLE
+
+    def names_every_officer_of_its_domain(self) -> bool:
+        """A pattern ``spiffe://TD/*`` or ``spiffe://TD/security-officer/*``: every officer of TD."""
+        segments = self._segments()
+        return self.is_prefix and (len(segments) == 1 or segments[1:] == [_OFFICER_ROLE])
 
 
 @dataclass(frozen=True)
@@ -92,18 +137,138 @@ def scoped_caller(caller: Caller, policy: ProductPolicy) -> Caller:
 
 
 def in_scope(caller: Caller, product: str) -> bool:
-    return caller.products is None or product in caller.products
+    """Whether ``caller`` may act for ``product``; ``SYSTEM_PRODUCT`` needs every product."""
+    if caller.products is None:
+        return True
+    return product != SYSTEM_PRODUCT and product in caller.products
 
 
 def require_product(caller: Caller, product: str) -> None:
     """Refuse (``PermissionDenied``, naming the product) unless ``caller`` may act for ``product``."""
     if not in_scope(caller, product):
+        only = "; only identities with every product act for it" if product == SYSTEM_PRODUCT else ""
         raise PermissionDenied(
             f"{caller.identity} may not act for product {product!r} "
-            f"(its product scope: {_describe(caller.products or ())})"
+            f"(its product scope: {_describe(caller.products or ())}){only}"
         )
 
 
 def _describe(products: Iterable[str]) -> str:
     names = sorted(products)
     return ", ".join(repr(p) for p in names) if names else "no product"
+
+
+# -- the policy text -------------------------------------------------------------------------------------
+
+
+def parse_policy(doc: dict[str, Any]) -> ProductPolicy:
+    """A policy from a decoded policy document; ``InvalidArgument`` names the bad key."""
+    unknown = set(doc) - {"default", "identities"}
+    if unknown:
+        raise InvalidArgument(f"policy: unknown key(s) {sorted(unknown)}")
+    default = doc.get("default")
+    if default not in _DEFAULTS:
+        raise InvalidArgument(f'policy: default must be "all" or "none", got {default!r}')
+    identities = doc.get("identities", {})
+    if not isinstance(identities, dict):
+        raise InvalidArgument("policy: [identities] must be a table")
+    rules = []
+    for pattern, products in identities.items():
+        if products == "*":
+            rules.append(ScopeRule(pattern, None))
+        elif isinstance(products, list) and all(isinstance(p, str) for p in products):
+            rules.append(ScopeRule(pattern, frozenset(products)))
+        else:
+            raise InvalidArgument(
+                f'policy: {pattern!r} must map to a list of product names or "*", got {products!r}'
+            )
+    return ProductPolicy(tuple(rules), default_all=_DEFAULTS[default])
+
+
+def parse_policy_text(text: str, source: str = "the policy") -> ProductPolicy:
+    """A policy from its TOML text (the ``[policy]`` file format). ``InvalidArgument`` says what is wrong;
+    ``source`` names the text in that message (a file name, say)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"{source} is not valid TOML: {e}") from e
+    return parse_policy(doc)
+
+
+def check_policy_size(text: str) -> None:
+    """Refuse (``InvalidArgument``) a proposed text longer than ``MAX_POLICY_BYTES``."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_POLICY_BYTES:
+        raise InvalidArgument(
+            f"the policy is {size} bytes; at most 64 KiB ({MAX_POLICY_BYTES} bytes) of TOML is accepted"
+        )
+
+
+def require_officer_access(policy: ProductPolicy, officers_needed: int) -> None:
+    """Refuse (``InvalidArgument``) a policy under which officers could no longer change the policy.
+
+    A policy change is an act on ``SYSTEM_PRODUCT``: its requester and its ``officers_needed - 1``
+    approvers must each act for every product. The server cannot know which officer certificates exist,
+    so this is a check on the text, and it accepts a policy when
+      - a rule that can name a security officer (``spiffe://TD/security-officer/...``, or a pattern such as
+        ``spiffe://TD/*`` that covers them) grants ``"*"`` through a pattern (any number of officers), or
+        through at least ``officers_needed`` exact identities; or
+      - ``default = "all"`` and no pattern scopes every officer of a trust domain to listed products (an
+        officer no rule names then keeps every product).
+    It catches the plain lock-outs (``default = "none"`` with officers unnamed or scoped to products); it
+    cannot tell whether the officers it counts on hold certificates, nor that they are still employed.
+    """
+    unscoped = [r for r in policy.rules if r.products is None and r.may_name_officers()]
+    if any(r.is_prefix for r in unscoped) or len(unscoped) >= officers_needed:
+        return
+    if policy.default_all and not any(r.names_every_officer_of_its_domain() for r in policy.rules):
+        return
+    raise InvalidArgument(
+        "the policy would lock the security officers out: a policy change needs "
+        f"{officers_needed} officers (the requester and the approvers) who act for every product, and this "
+        f"policy grants every product to {len(unscoped)} named officer identit"
+        f"{'y' if len(unscoped) == 1 else 'ies'} and to no officer pattern; grant it, e.g. "
+        '"spiffe://TRUST_DOMAIN/security-officer/*" = "*"'
+    )
+
+
+# -- installed versions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredPolicy:
+    """One version of the authorization policy: version 0 is the server's ``[policy]`` file (``text`` is
+    empty without one: every identity unscoped); versions 1, 2, ... were installed under dual control."""
+
+    version: int
+    text: str
+    created_at: datetime | None = None
+    created_by: str = ""
+    approval_id: str = ""
+
+    @property
+    def sha256(self) -> bytes:
+        return hashlib.sha256(self.text.encode("utf-8")).digest()
+
+
+class PolicyRepository(Protocol):
+    """Installed policy versions and proposed texts (``kms.store.policy``)."""
+
+    def latest_version(self) -> int:
+        """The number of the newest installed version, 0 if none was installed (one cheap query)."""
+        ...
+
+    def latest(self) -> StoredPolicy | None: ...
+
+    def add_draft(self, text: str, now: datetime) -> bytes:
+        """Keep a proposed text (idempotent); return its SHA-256, the name an approval request holds."""
+        ...
+
+    def draft(self, sha256: bytes) -> str:
+        """The proposed text with this SHA-256 (``NotFound`` if none)."""
+        ...
+
+    def install(self, policy: StoredPolicy) -> None:
+        """Store ``policy`` as the newest version, only if it is ``latest_version() + 1`` at the time of the
+        write (``FailedPrecondition`` otherwise: another change was installed meanwhile)."""
+        ...

@@ -18,6 +18,7 @@ from kms.domain.kek_rotation import KekRotation, Rewrap, StoredSecret
 from kms.domain.keys import Algorithm, Key, KeyVersion
 from kms.domain.lifecycle import LifecycleChange, ManagedKey, RotationSchedule, Transition
 from kms.domain.releases import Release, SignatureRecord
+from kms.domain.rollover import ManifestKeyRollover
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,15 @@ class ReleaseRepository(Protocol):
 class SignatureLog(Protocol):
     def append(self, record: SignatureRecord) -> None:
         """Record one key use; returns only once the record is durable (group commit allowed)."""
+        ...
+
+
+class RolloverRepository(Protocol):
+    """OTA manifest key rollover statements (``kms.domain.rollover``); they are written by
+    ``KeyRepository.apply_change`` with the version they introduce."""
+
+    def list_rollovers(self, key_id: str) -> list[ManifestKeyRollover]:
+        """Every statement of the key, by ``to_version`` (empty for an unknown key)."""
         ...
 
 

@@ -3,7 +3,8 @@
 Each method parses the request, calls a use case of ``KeyLifecycle`` (or ``KeyAdministration`` to create
 keys) with the authenticated caller, and builds the response. The rules live in ``kms.domain.lifecycle``;
 errors become status codes in ``translate_errors``; only security officers get here (``METHOD_ROLES`` in
-``kms.server.auth``). ``add_key_admin`` registers the servicer on a server.
+``kms.server.auth``), and the use cases refuse keys of products outside the officer's scope (the product of
+the key, or the product in the request for creation). ``add_key_admin`` registers the servicer on a server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kms.domain.errors import FailedPrecondition, InvalidArgument
 from kms.domain.keys import Algorithm, KeyName, KeyVersion, KeyVersionState
 from kms.domain.lifecycle import LifecycleEvent, ManagedKey, Transition
 from kms.domain.ports import KeyRepository
+from kms.server.audit_interceptor import note
 from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
 from kms.server.servicers import PURPOSES, STATES, key_pb
@@ -143,8 +145,9 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
             choices = ", ".join(common_pb2.KeyPurpose.Name(number) for number in _PURPOSES_OF_PB)
             raise InvalidArgument(f"purpose is required: one of {choices}")
         slot = request.sbv2_slot if request.HasField("sbv2_slot") else None
-        key = self._admin.create_key(
-            request.key_id, request.product, purpose, Algorithm.parse(request.algorithm), slot
+        note(product=request.product)
+        key = self._admin.create_key_for(
+            caller, request.key_id, request.product, purpose, Algorithm.parse(request.algorithm), slot
         )
         self._lifecycle.record_creation(caller, key)
         return managed_key_pb(ManagedKey(key))
@@ -154,7 +157,8 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
         self, request: admin_pb2.CreateProductKeySetRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CreateProductKeySetResponse:
         caller = caller_of(context)
-        created, existing = self._admin.create_product_set(request.product)
+        note(product=request.product)
+        created, existing = self._admin.create_product_set_for(caller, request.product)
         for key in created:
             self._lifecycle.record_creation(caller, key)
         return admin_pb2.CreateProductKeySetResponse(
@@ -236,7 +240,7 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def ListKeyTransitions(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.ListKeyTransitionsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListKeyTransitionsResponse:
-        transitions = self._lifecycle.transitions(request.name)
+        transitions = self._lifecycle.transitions_for(caller_of(context), request.name)
         return admin_pb2.ListKeyTransitionsResponse(transitions=[transition_pb(t) for t in transitions])
 
 

@@ -29,21 +29,29 @@ from kms.server.approval_servicers import DestroyKeyVersion, GatedAct, add_appro
 from kms.server.audit_interceptor import AuditInterceptor
 from kms.server.audit_servicers import add_audit
 from kms.server.audit_setup import open_audit_log
-from kms.server.auth import AuthorizationInterceptor, use_product_policy
+from kms.server.auth import AuthorizationInterceptor, use_policy_source
 from kms.server.config import Config
-from kms.server.devices_servicers import DeviceRegistryServicer, DistributionServicer
+from kms.server.devices_servicers import DeviceRegistryServicer, DistributionServicer, ReprovisionDevice
 from kms.server.health import HsmHealth
 from kms.server.kek_rotation_runner import KekRotationRunner
 from kms.server.kek_servicers import add_kek_rotation
 from kms.server.lifecycle_scheduler import LifecycleScheduler
-from kms.server.policy_file import load_policy
+from kms.server.policy_file import read_policy_file
+from kms.server.policy_servicers import ChangePolicy, add_policy
+from kms.server.rollback_servicers import LowerFloor, add_rollback_floor
 from kms.server.servicers import KeyServicer, SigningServicer
+from kms.server.slots_servicers import RevokeSlot, add_secure_boot_slots
 from kms.service.approvals import DualControl
 from kms.service.distribution import Distribution
 from kms.service.kek_rotation import KekRotationService, destroy_guard
 from kms.service.keys import KeyAdministration
 from kms.service.lifecycle import KeyLifecycle
+from kms.service.policy import AuthorizationPolicies
 from kms.service.registry import DeviceRegistry
+from kms.service.reprovisioning import DeviceReprovisioning
+from kms.service.rollback import RollbackFloors
+from kms.service.rollover import ManifestKeyRollovers
+from kms.service.sbv2_slots import SecureBootSlots
 from kms.service.signing import SigningService
 from kms.store.approvals import SqliteApprovalRepository
 from kms.store.audit import SqliteAuditLog
@@ -52,7 +60,10 @@ from kms.store.database import Database
 from kms.store.devices import SqliteDeviceRepository
 from kms.store.kek_rotations import SqliteKekRotationRepository
 from kms.store.keys import SqliteKeyRepository
+from kms.store.policy import SqlitePolicyRepository
 from kms.store.releases import SqliteReleaseRepository
+from kms.store.rollovers import SqliteRolloverRepository
+from kms.store.sbv2_slots import SqliteSlotRevocationRepository
 from kms.store.signature_log import SqliteSignatureLog
 from kmsapi.v1 import (
     admin_pb2,
@@ -63,8 +74,11 @@ from kmsapi.v1 import (
     kek_pb2,
     keys_pb2,
     keys_pb2_grpc,
+    policy_pb2,
+    rollback_pb2,
     signing_pb2,
     signing_pb2_grpc,
+    slots_pb2,
 )
 
 log = logging.getLogger("kms.server")
@@ -76,6 +90,9 @@ SERVICE_NAMES = (
     devices_pb2.DESCRIPTOR.services_by_name["DistributionService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"].full_name,
     approvals_pb2.DESCRIPTOR.services_by_name["ApprovalService"].full_name,
+    rollback_pb2.DESCRIPTOR.services_by_name["RollbackFloorService"].full_name,
+    slots_pb2.DESCRIPTOR.services_by_name["SecureBootSlotService"].full_name,
+    policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     kek_pb2.DESCRIPTOR.services_by_name["KekRotationService"].full_name,
 )
@@ -153,7 +170,14 @@ class KmsServer:
         self.config = config
         self.components = components
         limits = config.limits
-        use_product_policy(load_policy(config.policy_file))
+        # The product policy in force: the newest version installed under dual control, else the file.
+        self.policies = AuthorizationPolicies(
+            SqlitePolicyRepository(components.database),
+            read_policy_file(config.policy_file),
+            officers_needed=config.dual_control.required_approvals + 1,
+        )
+        use_policy_source(self.policies.current)
+        slot_revocations = SqliteSlotRevocationRepository(components.database)
         self.signing = SigningService(
             components.hsm,
             components.keys,
@@ -161,6 +185,7 @@ class KmsServer:
             components.signature_log,
             max_image_size=limits.max_image_bytes,
             cpu_slots=limits.cpu_slots,
+            slot_revocations=slot_revocations,
         )
         self.health = HsmHealth(components.hsm.is_available, SERVICE_NAMES, limits.health_probe_seconds)
         self.server = grpc.server(
@@ -171,7 +196,8 @@ class KmsServer:
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(self.signing), self.server)
-        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.signing), self.server)
+        rollovers = ManifestKeyRollovers(components.keys, SqliteRolloverRepository(components.database))
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.signing, rollovers), self.server)
         self.registry = DeviceRegistry(
             components.hsm, components.keys, components.devices, components.signature_log
         )
@@ -210,6 +236,15 @@ class KmsServer:
             ),
         )
         acts: dict[Action, GatedAct] = {Action.DESTROY_KEY_VERSION: DestroyKeyVersion(self.lifecycle)}
+        self.slots = SecureBootSlots(components.keys, slot_revocations, changed=self.signing.slots_changed)
+        add_secure_boot_slots(self.server, self.slots)
+        acts[Action.REVOKE_SBV2_SLOT] = RevokeSlot(self.slots)
+        self.floors = RollbackFloors(components.releases)
+        add_rollback_floor(self.server, self.floors)
+        acts[Action.LOWER_ROLLBACK_FLOOR] = LowerFloor(self.floors)
+        acts[Action.REPROVISION_DEVICE_SECRET] = ReprovisionDevice(DeviceReprovisioning(components.devices))
+        acts[Action.CHANGE_AUTHORIZATION_POLICY] = ChangePolicy(self.policies)
+        add_policy(self.server, self.policies)
         add_approvals(self.server, self.dual_control, acts)
         self.scheduler = LifecycleScheduler(self.lifecycle)
         self.kek_rotation = KekRotationService(

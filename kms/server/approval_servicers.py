@@ -4,8 +4,10 @@ Each method parses the request, calls ``DualControl`` (``kms.service.approvals``
 caller, notes the request id and target for the audit record, and builds the response.
 
 The acts themselves are ``GatedAct`` objects, one per ``Action``, given to ``add_approvals``: ``prepare``
-checks a Request* message and turns it into the request's target and parameters (strings, no secret);
-``execute`` performs the approved act as the executing officer and fills the act's part of the response.
+checks a Request* message and turns it into the request's target and parameters (strings, no secret),
+among them the product the request belongs to (``PRODUCT_PARAMETER``); ``execute`` performs the approved act
+as the executing officer and fills the act's part of the response. ``DualControl`` scopes every request,
+vote, listing and execution by that product (``kms.service.approvals``).
 An action with no act on this server is refused with FAILED_PRECONDITION. ``DestroyKeyVersion`` (below)
 is the act of key version destruction: ``KeyLifecycle.schedule_destroy`` with the recorded delay.
 """
@@ -19,11 +21,12 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from kms.domain.approvals import Action, ApprovalRequest, ApprovalState, Vote
+from kms.domain.approvals import PRODUCT_PARAMETER, Action, ApprovalRequest, ApprovalState, Vote
 from kms.domain.errors import FailedPrecondition, InvalidArgument
 from kms.domain.identity import Caller
 from kms.domain.keys import KeyName
 from kms.domain.lifecycle import ManagedKey
+from kms.domain.policy import require_product
 from kms.server.admin_servicers import managed_key_pb
 from kms.server.audit_interceptor import note
 from kms.server.auth import caller_of
@@ -94,7 +97,12 @@ class GatedAct(Protocol):
 
     def prepare(self, caller: Caller, message: Any) -> tuple[str, dict[str, str]]:
         """Check a Request* message (NotFound, InvalidArgument, FailedPrecondition) and return the request's
-        target (e.g. ``products/P/sbv2-slots/1``) and parameters. May call ``note`` for the audit record."""
+        target (e.g. ``products/P/sbv2-slots/1``) and parameters. May call ``note`` for the audit record.
+
+        The parameters MUST name the product the act touches under ``PRODUCT_PARAMETER`` (``"product"``),
+        and ``prepare`` calls ``require_product(caller, product)`` once it knows it, before it writes
+        anything: only officers of that product then see, approve and execute the request. Without it
+        the request counts as one of ``SYSTEM_PRODUCT``, which only officers with every product touch."""
         ...
 
     def execute(self, caller: Caller, request: ApprovalRequest) -> approvals_pb2.ExecuteRequestResponse:
@@ -117,9 +125,10 @@ class DestroyKeyVersion:
             raise InvalidArgument(f"{message.name!r} names a key; a version is needed: 'keys/K/versions/N'")
         note(key_version=str(name))
         key = self._lifecycle.get(name.key_id)
-        key.version(name.version)  # NotFound for an unknown version
         note(product=key.key.product)
-        parameters: dict[str, str] = {}
+        require_product(caller, key.key.product)
+        key.version(name.version)  # NotFound for an unknown version
+        parameters = {PRODUCT_PARAMETER: key.key.product}
         if message.HasField("delay_seconds"):
             if message.delay_seconds > _MAX_SECONDS:
                 raise InvalidArgument(f"delay_seconds of {message.delay_seconds} seconds is out of range")
@@ -163,6 +172,7 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
     ) -> approvals_pb2.ApprovalRequest:
         caller = caller_of(context)
         target, parameters = self._act(action).prepare(caller, message)
+        note(product=parameters.get(PRODUCT_PARAMETER))
         created = self._dual.request(caller, action, target, parameters)
         note(resource=f"approvals/{created.id}")
         return request_pb(created, self._dual.now())
@@ -206,16 +216,16 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
             state = _STATES_OF_PB.get(request.state)
             if state is None:
                 raise InvalidArgument(f"unknown state {request.state}")
+        listed = self._dual.list_for(caller_of(context), state)
         now = self._dual.now()
-        return approvals_pb2.ListApprovalRequestsResponse(
-            requests=[request_pb(r, now) for r in self._dual.list(state)]
-        )
+        return approvals_pb2.ListApprovalRequestsResponse(requests=[request_pb(r, now) for r in listed])
 
     @translate_errors
     def ApproveRequest(  # noqa: N802 - gRPC method name
         self, request: approvals_pb2.ApproveRequestRequest, context: grpc.ServicerContext
     ) -> approvals_pb2.ApprovalRequest:
         approved = self._dual.approve(caller_of(context), _noted(request.id))
+        note(product=approved.product)
         return request_pb(approved, self._dual.now())
 
     @translate_errors
@@ -223,6 +233,7 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
         self, request: approvals_pb2.RejectRequestRequest, context: grpc.ServicerContext
     ) -> approvals_pb2.ApprovalRequest:
         rejected = self._dual.reject(caller_of(context), _noted(request.id), request.reason)
+        note(product=rejected.product)
         return request_pb(rejected, self._dual.now())
 
     @translate_errors
@@ -231,7 +242,9 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
     ) -> approvals_pb2.ExecuteRequestResponse:
         caller = caller_of(context)
         request_id = _noted(request.id)
-        act = self._act(self._dual.get(request_id).action)
+        pending = self._dual.get_for(caller, request_id)
+        note(product=pending.product)
+        act = self._act(pending.action)
         executed, response = self._dual.execute(caller, request_id, lambda r: act.execute(caller, r))
         response.request.CopyFrom(request_pb(executed, self._dual.now()))
         return response

@@ -8,6 +8,9 @@ certificate without such a SAN, or naming an unknown role, gets UNAUTHENTICATED.
 Authorization: ``METHOD_ROLES`` maps every method the server exposes to the roles that may call it. A method
 missing from the table is refused (deny by default). The interceptor wraps the method's handler, whatever its
 kind, so streaming calls are checked exactly like unary ones, before any request message is read.
+
+Product scope: the caller is scoped by the product policy in force at the time of the call
+(``use_policy_source``); see ``kms.domain.policy`` and ``kms.service.policy``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any, cast
 
 import grpc
 
-from kms.domain.errors import Unauthenticated
+from kms.domain.errors import KmsError, Unauthenticated
 from kms.domain.identity import Caller, Role
 from kms.domain.policy import UNSCOPED, ProductPolicy, scoped_caller
+from kms.server.errors import status_of
 
 ALL_ROLES = frozenset(Role)
 
@@ -71,13 +75,31 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
 
 _ROLES_BY_NAME = {role.value: role for role in Role}
 
-_product_policy: ProductPolicy = UNSCOPED
+PolicySource = Callable[[], ProductPolicy]
+"""Returns the product policy in force; asked on every call, so it must be fast (it caches)."""
+
+
+def _unscoped() -> ProductPolicy:
+    return UNSCOPED
+
+
+_policy_source: PolicySource = _unscoped
+
+
+def use_policy_source(source: PolicySource) -> None:
+    """Scope every caller by the policy ``source()`` returns at the time of the call (``kms.domain.policy``).
+
+    The composition root calls it once, before the server starts, with
+    ``AuthorizationPolicies.current`` (``kms.service.policy``): the newest policy installed under dual
+    control, read again at most once a second, so a change applies without a restart.
+    """
+    global _policy_source  # set once at startup, before the server starts
+    _policy_source = source
 
 
 def use_product_policy(policy: ProductPolicy) -> None:
-    """Scope every caller by ``policy`` (``kms.domain.policy``); the composition root calls it once."""
-    global _product_policy  # set once at startup, before the server starts
-    _product_policy = policy
+    """Scope every caller by one fixed ``policy`` (tests; a server uses ``use_policy_source``)."""
+    use_policy_source(lambda: policy)
 
 
 def caller_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
@@ -92,7 +114,7 @@ def caller_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> Cal
         role = _ROLES_BY_NAME.get(parts[1]) if len(parts) >= 3 else None
         if role is None:
             raise Unauthenticated(f"certificate identity {san!r} names no known role")
-        return scoped_caller(Caller(identity=san, role=role), _product_policy)
+        return scoped_caller(Caller(identity=san, role=role), _policy_source())
     raise Unauthenticated("the client certificate carries no spiffe:// URI SAN identity")
 
 
@@ -107,6 +129,8 @@ def _authorize(method: str, context: grpc.ServicerContext) -> None:
         caller = caller_of(context)
     except Unauthenticated as e:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+    except KmsError as e:  # the policy in force could not be read: fail closed, the client may retry
+        context.abort(status_of(e), str(e))
     allowed = METHOD_ROLES.get(method)
     if allowed is None or caller.role not in allowed:
         context.abort(

@@ -1,21 +1,31 @@
-"""gRPC servicers of the factory (DeviceRegistryService) and distribution (DistributionService) paths."""
+"""gRPC servicers of the factory (DeviceRegistryService) and distribution (DistributionService) paths, and
+``ReprovisionDevice``, the act of ``ApprovalService.RequestDeviceReprovisioning`` (dual control).
+
+``ReprovisionDevice.prepare`` checks the device now (registered, in the officer's product scope, not revoked)
+and records the reason; ``execute`` opens the device for re-provisioning until the request's expiry. No
+secret is in the request: the new one arrives later through ``RegisterDevices``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kms.domain.approvals import MAX_PARAMETER_LENGTH, PRODUCT_PARAMETER, ApprovalRequest
 from kms.domain.devices import Device, Registration
-from kms.domain.errors import InvalidArgument, KmsError
+from kms.domain.errors import FailedPrecondition, InvalidArgument, KmsError
+from kms.domain.identity import Caller
 from kms.domain.ports import TransportBatch
 from kms.server.audit_interceptor import note
 from kms.server.auth import caller_of
 from kms.server.errors import status_of, translate_errors
 from kms.service.distribution import DEFAULT_SEGMENT_SIZE, Distribution, PayloadFormat
 from kms.service.registry import DeviceRegistry, RegistrationRow
-from kmsapi.v1 import devices_pb2, devices_pb2_grpc
+from kms.service.reprovisioning import DeviceReprovisioning
+from kmsapi.v1 import approvals_pb2, devices_pb2, devices_pb2_grpc
 
 PAYLOAD_CHUNK = 64 * 1024
 
@@ -30,19 +40,40 @@ FORMATS_PB = {
 }
 
 
-def device_pb(registry: DeviceRegistry, device: Device) -> devices_pb2.DeviceInfo:
+REASON_PARAMETER = "reason"
+_OUTCOMES = {
+    Registration.CREATED: devices_pb2.RowOutcome.CREATED,
+    Registration.UNCHANGED: devices_pb2.RowOutcome.UNCHANGED,
+    Registration.REPROVISIONED: devices_pb2.RowOutcome.REPROVISIONED,
+}
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromDatetime(device.registered_at)
-    return devices_pb2.DeviceInfo(
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def device_pb(device: Device, now: datetime) -> devices_pb2.DeviceInfo:
+    """The device as ``DeviceInfo``; ``reprovision_until`` only while the window is open at ``now``."""
+    message = devices_pb2.DeviceInfo(
         device_id=device.device_id,
         product=device.product,
         chip=device.chip,
         state=device.state.value,
-        kek_version=registry.kek_version_name(device),
+        kek_version=f"keys/{device.secret.kek_key_id}/versions/{device.secret.kek_version}",
         has_ecies_public_key=device.ecies_public_key is not None,
         registered_by=device.registered_by,
-        register_time=stamp,
+        register_time=_timestamp(device.registered_at),
+        secret_generation=device.secret_generation,
     )
+    if device.reprovision_until is not None and device.open_for_reprovisioning(now):
+        message.reprovision_until.CopyFrom(_timestamp(device.reprovision_until))
+    return message
 
 
 def _outcome_pb(row: int, device_id: str, outcome: Registration | KmsError) -> devices_pb2.RowOutcome:
@@ -54,12 +85,7 @@ def _outcome_pb(row: int, device_id: str, outcome: Registration | KmsError) -> d
             code=status_of(outcome).value[0],
             message=str(outcome),
         )
-    status = (
-        devices_pb2.RowOutcome.CREATED
-        if outcome is Registration.CREATED
-        else devices_pb2.RowOutcome.UNCHANGED
-    )
-    return devices_pb2.RowOutcome(row=row, device_id=device_id, status=status)
+    return devices_pb2.RowOutcome(row=row, device_id=device_id, status=_OUTCOMES[outcome])
 
 
 class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
@@ -112,14 +138,43 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.GetDeviceRequest, context: grpc.ServicerContext
     ) -> devices_pb2.DeviceInfo:
         note(resource=f"devices/{request.device_id}")
-        return device_pb(self._registry, self._registry.get(request.device_id, caller_of(context)))
+        return device_pb(self._registry.get(request.device_id, caller_of(context)), _utc_now())
 
     @translate_errors
     def RevokeDevice(  # noqa: N802 - gRPC method name
         self, request: devices_pb2.RevokeDeviceRequest, context: grpc.ServicerContext
     ) -> devices_pb2.DeviceInfo:
         note(resource=f"devices/{request.device_id}")
-        return device_pb(self._registry, self._registry.revoke(caller_of(context), request.device_id))
+        return device_pb(self._registry.revoke(caller_of(context), request.device_id), _utc_now())
+
+
+class ReprovisionDevice:
+    """The act of opening a device for re-provisioning (a ``GatedAct``, see approval_servicers)."""
+
+    def __init__(self, reprovisioning: DeviceReprovisioning) -> None:
+        self._reprovisioning = reprovisioning
+
+    def prepare(
+        self, caller: Caller, message: approvals_pb2.RequestDeviceReprovisioningRequest
+    ) -> tuple[str, dict[str, str]]:
+        reason = message.reason.strip()
+        if not reason:
+            raise InvalidArgument("a re-provisioning request needs a reason (why the secret must change)")
+        if len(reason) > MAX_PARAMETER_LENGTH:
+            raise InvalidArgument(f"the reason has at most {MAX_PARAMETER_LENGTH} characters")
+        device = self._reprovisioning.check_request(caller, message.device_id)
+        note(product=device.product)
+        return f"devices/{device.device_id}", {REASON_PARAMETER: reason, PRODUCT_PARAMETER: device.product}
+
+    def execute(self, caller: Caller, request: ApprovalRequest) -> approvals_pb2.ExecuteRequestResponse:
+        device_id = request.target.removeprefix("devices/")
+        if device_id == request.target:
+            raise FailedPrecondition(
+                f"approval request {request.id} does not name a device: {request.target!r}"
+            )
+        device = self._reprovisioning.open(caller, device_id, request.expires_at, request.id)
+        note(product=device.product)
+        return approvals_pb2.ExecuteRequestResponse(device=device_pb(device, _utc_now()))
 
 
 class DistributionServicer(devices_pb2_grpc.DistributionServiceServicer):

@@ -3,7 +3,8 @@
 ``StartKekRotation`` rotates the product's KEK and records the job through ``KekRotationService.start``,
 then wakes the background runner (``kms.server.kek_rotation_runner``) that rewraps; ``GetKekRotation``
 reports the job's live counts. Errors become status codes in ``translate_errors``; only security officers
-get here (``METHOD_ROLES`` in ``kms.server.auth``). ``add_kek_rotation`` registers the servicer.
+get here (``METHOD_ROLES`` in ``kms.server.auth``), and only for products in their scope (the use cases
+check it). ``add_kek_rotation`` registers the servicer.
 """
 
 from __future__ import annotations
@@ -61,17 +62,18 @@ class KekRotationServicer(kek_pb2_grpc.KekRotationServiceServicer):
         self, request: kek_pb2.StartKekRotationRequest, context: grpc.ServicerContext
     ) -> kek_pb2.KekRotation:
         note(product=request.product)
-        rotation = self._service.start(caller_of(context), request.product)
+        caller = caller_of(context)
+        rotation = self._service.start(caller, request.product)
         note(key_version=str(KeyName(rotation.kek_key_id, rotation.to_version)))
         self._started()
-        return status_pb(self._service.status(request.product))
+        return status_pb(self._service.status_for(caller, request.product))
 
     @translate_errors
     def GetKekRotation(  # noqa: N802 - gRPC method name
         self, request: kek_pb2.GetKekRotationRequest, context: grpc.ServicerContext
     ) -> kek_pb2.KekRotation:
         note(product=request.product)
-        return status_pb(self._service.status(request.product))
+        return status_pb(self._service.status_for(caller_of(context), request.product))
 
 
 def add_kek_rotation(server: grpc.Server, service: KekRotationService, started: Callable[[], None]) -> None:

@@ -22,6 +22,7 @@ from kms.domain.signatures import SignatureEncoding
 from kms.server.audit_interceptor import note
 from kms.server.auth import caller_of
 from kms.server.errors import translate_errors
+from kms.service.rollover import ManifestKeyRollovers
 from kms.service.signing import SigningService
 from kmsapi.v1 import common_pb2, keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
 
@@ -218,8 +219,9 @@ def public_key_pb(version: KeyVersion) -> keys_pb2.PublicKey:
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
-    def __init__(self, signing: SigningService) -> None:
+    def __init__(self, signing: SigningService, rollovers: ManifestKeyRollovers) -> None:
         self._signing = signing
+        self._rollovers = rollovers
 
     @translate_errors
     def GetPublicKey(  # noqa: N802 - gRPC method name
@@ -238,7 +240,25 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         keys = self._signing.list_keys(request.product, caller_of(context))
         return keys_pb2.ListKeysResponse(keys=[key_pb(k) for k in keys])
 
+    @translate_errors
     def GetManifestKeyRollover(  # noqa: N802 - gRPC method name
         self, request: keys_pb2.GetManifestKeyRolloverRequest, context: grpc.ServicerContext
     ) -> keys_pb2.GetManifestKeyRolloverResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "manifest key rollover is not built yet")
+        # At most the 32 bytes of a key id go into the audit record; a longer value is refused below.
+        note(product=request.product, resource=f"manifest-key-id/{request.trusted_key_id[:32].hex()}")
+        chain = self._rollovers.chain(caller_of(context), request.product, request.trusted_key_id)
+        note(resource=chain.key.name, key_version=chain.current.name)
+        response = keys_pb2.GetManifestKeyRolloverResponse(
+            current_version=chain.current.name, current_key_id=chain.current_key_id
+        )
+        for stored in chain.statements:
+            body = stored.parsed().body
+            response.statements.add(
+                statement=stored.statement,
+                from_version=stored.from_name,
+                to_version=stored.to_name,
+                from_key_id=body.from_key_id,
+                to_key_id=body.to_key_id,
+                create_time=_timestamp(stored.created_at),
+            )
+        return response

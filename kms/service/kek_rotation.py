@@ -15,6 +15,9 @@ a KEK version that still wraps a device secret may not be scheduled for destruct
 
 A blob that does not unwrap under its KEK version (damaged) is logged and left where it is; the job still
 finishes, its ``remaining`` count stays above zero, and the guard keeps the old version from destruction.
+
+Product scope: ``start`` and ``status_for`` (the officers' calls) refuse a product outside the caller's
+scope before anything is read or rotated; ``status``, ``run`` and ``unfinished`` serve the server itself.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kms.domain.errors import FailedPrecondition, InvalidArgument, KmsError, Not
 from kms.domain.identity import Caller
 from kms.domain.kek_rotation import KekRotation, KekRotationStatus, Rewrap
 from kms.domain.keys import Key, KeyPurpose, KeyVersion, validate_product
+from kms.domain.policy import require_product
 from kms.domain.ports import Hsm, KekRotationRepository, KeyRepository, SignatureLog
 from kms.domain.releases import SignatureRecord
 from kms.service.lifecycle import KeyLifecycle, require_enabled
@@ -68,7 +72,7 @@ class KekRotationService:
 
         ``FailedPrecondition`` while an earlier job of the same key is unfinished (nothing is rotated).
         """
-        validate_product(product)
+        require_product(caller, validate_product(product))
         key, primary = primary_key_of(self._keys, product, KeyPurpose.KEY_ENCRYPTION)
         running = self._rotations.latest(key.key_id)
         if running is not None and not running.finished:
@@ -96,6 +100,11 @@ class KekRotationService:
         if rotation is None:
             raise NotFound(f"the key-encryption key of product {product!r} has no rotation job")
         return self._status(rotation)
+
+    def status_for(self, caller: Caller, product: str) -> KekRotationStatus:
+        """``status``, if ``product`` is in ``caller``'s scope."""
+        require_product(caller, validate_product(product))
+        return self.status(product)
 
     def unfinished(self) -> list[KekRotation]:
         return self._rotations.unfinished()

@@ -1,7 +1,12 @@
-"""Key administration: create keys (rotation, states and dual control come with the officer API).
+"""Key administration: create keys (rotation and states are ``kms.service.lifecycle``'s).
 
 ``PRODUCT_KEY_SET`` is what a product needs for the factory and distribution paths besides its Secure Boot
 V2 keys: an OTA manifest key, a KEK, a registration transport key and a payload-seed key.
+
+``create_key_for`` and ``create_product_set_for`` are what an officer's RPC calls: they refuse a product
+outside the caller's scope (``require_product``) before anything is generated. ``create_key`` and
+``create_product_set`` are unscoped, for the operator's local ``kms keys`` commands (which hold the HSM PIN
+and the database, not a client certificate) and for the service's own keys (the audit key).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from kms.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from kms.domain.identity import Caller
 from kms.domain.keys import (
     KEY_ID_PATTERN,
     Algorithm,
@@ -19,6 +25,7 @@ from kms.domain.keys import (
     KeyVersionState,
     validate_product,
 )
+from kms.domain.policy import require_product
 from kms.domain.ports import Hsm, KeyRepository
 
 SBV2_SLOTS = (0, 1, 2)
@@ -102,6 +109,24 @@ class KeyAdministration:
             self._hsm.destroy_key_pair(hsm_id)
             raise
         return key
+
+    def create_key_for(
+        self,
+        caller: Caller,
+        key_id: str,
+        product: str,
+        purpose: KeyPurpose,
+        algorithm: Algorithm,
+        sbv2_slot: int | None,
+    ) -> Key:
+        """``create_key``, if ``product`` is in ``caller``'s scope."""
+        require_product(caller, validate_product(product))
+        return self.create_key(key_id, product, purpose, algorithm, sbv2_slot)
+
+    def create_product_set_for(self, caller: Caller, product: str) -> tuple[list[Key], list[Key]]:
+        """``create_product_set``, if ``product`` is in ``caller``'s scope."""
+        require_product(caller, validate_product(product))
+        return self.create_product_set(product)
 
     def create_product_set(self, product: str) -> tuple[list[Key], list[Key]]:
         """Create the ``PRODUCT_KEY_SET`` keys ``product`` lacks; return (created, already there).

@@ -15,6 +15,21 @@ HSM material
   records the material as gone. If the HSM fails in between, the version stays DESTROYED with its material
   not confirmed gone, and the next ``destroy_due`` destroys it again.
 
+Rollover statements
+-------------------
+Rotating an OTA manifest key (on demand or on schedule) also makes the new version's rollover statement
+(``kms.domain.rollover``): its public key signed in the HSM by the primary version before the rotation, so
+devices that trust the old key can move to the new one without a reflash. The signer must pass
+``require_enabled``; if the primary is not enabled (an officer disabled the key), the rotation goes ahead
+without a statement and the chain has a gap, which is logged (devices trusting older keys then need a
+reflash; ``kms.domain.rollover.rollover_chain`` names the gap). The statement, the new version and the
+key-use record of the signature are committed in one transaction (``apply_change``): a crash before the
+commit leaves none of them (only generated HSM material, as any failed rotation), after it all three. If
+the change is refused (the key changed meanwhile), the statement is discarded with the new material, whose
+private key is destroyed, so the statement introduces a key that no longer exists and never left the
+service. A failure to sign (HSM unavailable) fails the rotation rather than leave a gap; the scheduler
+tries again on its next run.
+
 Scheduled work
 --------------
 ``destroy_due(now)`` and ``rotate_due(now)`` are meant to be called periodically (every minute, say) by the
@@ -31,15 +46,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from kms.domain import lifecycle
+from kms.domain import lifecycle, rollover, signatures
 from kms.domain.errors import FailedPrecondition, InvalidArgument, KmsError
 from kms.domain.identity import Caller
-from kms.domain.keys import Key, KeyName, KeyVersion, KeyVersionState
+from kms.domain.keys import Key, KeyName, KeyPurpose, KeyVersion, KeyVersionState
 from kms.domain.lifecycle import LifecycleChange, ManagedKey, Transition
+from kms.domain.policy import require_product
 from kms.domain.ports import Hsm, KeyRepository
+from kms.domain.releases import SignatureRecord
 from kms.service.keys import SECRET_KEY_ALGORITHMS
 
 SCHEDULER = "kms:scheduler"
@@ -108,6 +125,18 @@ class KeyLifecycle:
         parsed = KeyName.parse(name)
         return self._keys.list_transitions(parsed.key_id, parsed.version)
 
+    def transitions_for(self, caller: Caller, name: str) -> list[Transition]:
+        """``transitions``, if the key's product is in ``caller``'s scope."""
+        self._scoped(caller, KeyName.parse(name).key_id)
+        return self.transitions(name)
+
+    def _scoped(self, caller: Caller, key_id: str) -> ManagedKey:
+        """The key, if its product is in ``caller``'s scope (``PermissionDenied`` otherwise). Every
+        officer's request below calls it first, before anything is generated or written."""
+        managed = self.get(key_id)
+        require_product(caller, managed.key.product)
+        return managed
+
     def record_creation(self, caller: Caller, key: Key) -> None:
         """Record the creation of a key just stored by ``KeyAdministration.create_key``."""
         self._keys.apply_change(lifecycle.creation(key, caller.identity))
@@ -116,7 +145,7 @@ class KeyLifecycle:
 
     def rotate(self, caller: Caller, key_id: str) -> KeyVersion:
         """Generate version n+1 in the HSM and make it the primary; return it."""
-        managed = self.get(key_id)
+        managed = self._scoped(caller, key_id)
         return self._rotate(managed, caller.identity, self._clock())
 
     def set_state(
@@ -128,6 +157,7 @@ class KeyLifecycle:
         destruction; DESTROYED is allowed once the destruction is due and destroys the HSM material at once.
         """
         key_id, number = _version_name(name)
+        self._scoped(caller, key_id)
         if target is KeyVersionState.DESTROYED:
             self._destroy(self.get(key_id), number, caller.identity, self._clock())
             return self.get(key_id)
@@ -146,6 +176,7 @@ class KeyLifecycle:
 
     def set_primary(self, caller: Caller, name: str) -> ManagedKey:
         key_id, number = _version_name(name)
+        self._scoped(caller, key_id)
         return self._change(
             key_id,
             lambda managed, now: lifecycle.set_primary(managed, number, caller.identity, now),
@@ -161,6 +192,7 @@ class KeyLifecycle:
     ) -> ManagedKey:
         """Schedule a version's destruction after ``delay`` (default: the service's destruction delay)."""
         key_id, number = _version_name(name)
+        self._scoped(caller, key_id)
         if self._destroy_guard is not None:
             self._destroy_guard(self.get(key_id).version(number))
         return self._change(
@@ -178,6 +210,7 @@ class KeyLifecycle:
     def cancel_destroy(self, caller: Caller, name: str) -> ManagedKey:
         """Cancel a scheduled destruction; the version becomes disabled."""
         key_id, number = _version_name(name)
+        self._scoped(caller, key_id)
         return self._change(
             key_id,
             lambda managed, now: lifecycle.cancel_destroy(managed, number, caller.identity, now),
@@ -191,8 +224,7 @@ class KeyLifecycle:
         first_rotation: datetime | None = None,
     ) -> ManagedKey:
         """Rotate the key every ``period`` from ``first_rotation`` (default now + period); None: on demand."""
-        del caller  # recorded by the audit log; a schedule is no state transition of a version
-        managed = self.get(key_id)
+        managed = self._scoped(caller, key_id)  # the caller is recorded by the audit log, not here
         schedule = None
         if period is not None:
             schedule = lifecycle.rotation_schedule(managed.key, period, self._clock(), first_rotation)
@@ -256,6 +288,8 @@ class KeyLifecycle:
             hsm_id, public_der = pair.hsm_id, pair.public_key_der
         try:
             change = lifecycle.rotate(managed, hsm_id, public_der, actor, now)
+            if key.purpose is KeyPurpose.OTA_MANIFEST:
+                change = self._with_rollover(managed, change, actor, now)
             self._keys.apply_change(change)
         except BaseException:
             self._hsm.destroy_key_pair(hsm_id)
@@ -263,6 +297,34 @@ class KeyLifecycle:
         self._changed(key.key_id)
         assert change.new_version is not None
         return change.new_version
+
+    def _with_rollover(
+        self, managed: ManagedKey, change: LifecycleChange, actor: str, now: datetime
+    ) -> LifecycleChange:
+        """``change`` (a rotation) with the new version's rollover statement, signed in the HSM by the
+        primary before the rotation, and the key-use record of that signature; ``change`` unchanged, and a
+        warning, if that primary is not enabled (a gap in the chain: see the module docstring)."""
+        key, new = managed.key, change.new_version
+        assert new is not None
+        try:
+            signer = require_enabled(managed.version(key.primary_version))
+        except FailedPrecondition as refused:
+            _log.warning(
+                "no rollover statement for %s: %s; devices that trust an earlier manifest key of product "
+                "%r cannot move to it by rollover (they need a reflash)",
+                new.name,
+                refused,
+                key.product,
+            )
+            return change
+        body = rollover.statement_body(key, signer.version, new.version, new.public_key_der)
+        digest = body.digest()
+        raw = self._hsm.sign_digest(signer.hsm_id, signer.algorithm, digest)
+        signatures.check_signature(signer.algorithm, signer.public_key_der, digest, raw)
+        statement = rollover.RolloverStatement(body, raw).to_bytes()
+        record = rollover.ManifestKeyRollover(key.key_id, signer.version, new.version, statement, now)
+        use = SignatureRecord(actor, "sign-key-rollover", signer.name, digest, new.name, now)
+        return replace(change, rollover=record, key_uses=(*change.key_uses, use))
 
     def _destroy(self, managed: ManagedKey, number: int, actor: str, now: datetime) -> None:
         """Record the version DESTROYED (the rules refuse unless it is due), then destroy its material and

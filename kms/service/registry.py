@@ -4,6 +4,11 @@ A registration batch is validated row by row (a malformed row is reported with i
 valid rows of the batch are kept), the secrets of the valid rows are imported into the HSM in one call
 (wrapped under the product's KEK; with the transport path they are unwrapped only inside the HSM), and the
 batch is committed in one transaction before anything is acknowledged.
+
+A known device id with a different secret is refused (ALREADY_EXISTS) unless officers opened the device for
+re-provisioning (``kms.service.reprovisioning``): then the row replaces the stored secret and is reported
+REPROVISIONED. Each row is built as a new device registered now; the store decides, with the rules of
+``kms.domain.devices.registration_outcome``, what it does to the device already registered under that id.
 """
 
 from __future__ import annotations
@@ -180,9 +185,6 @@ class DeviceRegistry:
     def revoke(self, caller: Caller, device_id: str) -> Device:
         require_product(caller, self._devices.get(validate_device_id(device_id)).product)
         return self._devices.revoke(validate_device_id(device_id), self._clock())
-
-    def kek_version_name(self, device: Device) -> str:
-        return f"keys/{device.secret.kek_key_id}/versions/{device.secret.kek_version}"
 
 
 def _ecies_point(key: bytes) -> bytes | None:

@@ -3,15 +3,22 @@
 Sign an image, step by step (each step may refuse, and nothing is written before the last):
 
 1. Parse and validate the image (``kms.domain.esp_image``): a malformed image is an ``InvalidImage``.
-2. Take the product's Secure Boot V2 keys in slot order, their primary versions, and check them against the
-   chip named in the image header (algorithm, number of key digests the chip holds, chip revision, width of
-   the anti-rollback eFuse).
+2. Take the product's Secure Boot V2 keys of ACTIVE slots in slot order (a revoked slot's key signs nothing
+   any more: ``kms.domain.sbv2_slots``), their primary versions, and check them against the chip named in
+   the image header (algorithm, number of key digests the chip holds, chip revision, width of the
+   anti-rollback eFuse).
 3. If this exact input was signed for the product by exactly these key versions, return that release
-   (CI retries are idempotent, and no key is used again).
+   (CI retries are idempotent, and no key is used again). A release made before a slot was revoked names
+   that slot's key version too, so it is never returned afterwards: the image is signed anew without it.
 4. Refuse a secure_version below the product's anti-rollback floor.
 5. Pad, hash and sign once per key in the HSM; check every block (canonical bytes, valid signature) before
    assembling the signature sector.
 6. Store the signed image and commit the release with one key-use record per signature; only then answer.
+
+Revoked slots are read through ``RevokedSlotCache``, like keys through ``KeyCache``: a revocation committed
+by another process is seen within ``ttl`` seconds, one executed by this process at once (the use case calls
+``slots_changed``). A call that had already read the slots when a revocation committed may still finish with
+the revoked slot's block; the revocation binds every call that starts after ``ExecuteRequest`` returned.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from kms.domain import chips, esp_image, sbv2, signatures
+from kms.domain import chips, esp_image, sbv2, sbv2_slots, signatures
 from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, NotFound
 from kms.domain.identity import Caller
 from kms.domain.keys import (
@@ -39,6 +46,7 @@ from kms.domain.keys import (
 from kms.domain.policy import in_scope, require_product
 from kms.domain.ports import Hsm, KeyRepository, ReleaseRepository, SignatureLog
 from kms.domain.releases import Release, SignatureRecord, check_floor
+from kms.domain.sbv2_slots import SlotRevocationRepository
 from kms.domain.signatures import SignatureEncoding
 
 if TYPE_CHECKING:
@@ -107,6 +115,33 @@ class KeyCache:
         self._entries.pop(key_id, None)
 
 
+class RevokedSlotCache:
+    """Revoked Secure Boot V2 slot numbers by product for ``ttl`` seconds, as ``KeyCache`` keeps keys.
+
+    Without a repository no slot is ever revoked (a service built without slot revocations).
+    """
+
+    def __init__(self, revocations: SlotRevocationRepository | None, ttl: float = 1.0) -> None:
+        self._revocations = revocations
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, frozenset[int]]] = {}
+
+    def get(self, product: str) -> frozenset[int]:
+        if self._revocations is None:
+            return frozenset()
+        now = time.monotonic()
+        entry = self._entries.get(product)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        revoked = self._revocations.revoked_slots(product)
+        self._entries[product] = (now + self._ttl, revoked)
+        return revoked
+
+    def invalidate(self, product: str) -> None:
+        """Forget a product's slots at once (this process revoked one: ``SigningService.slots_changed``)."""
+        self._entries.pop(product, None)
+
+
 class SigningService:
     def __init__(
         self,
@@ -118,10 +153,12 @@ class SigningService:
         max_image_size: int,
         cpu_slots: int = 2,
         clock: Callable[[], datetime] = _utcnow,
+        slot_revocations: SlotRevocationRepository | None = None,
     ) -> None:
         self._hsm = hsm
         self._keys = keys
         self._key_cache = KeyCache(keys)
+        self._revoked_slots = RevokedSlotCache(slot_revocations)
         self._releases = releases
         self._log = signature_log
         self.max_image_size = max_image_size
@@ -138,12 +175,15 @@ class SigningService:
         validate_product(product)
         require_product(caller, product)
         app = esp_image.parse_app_image(image, self.max_image_size)
-        keys = self._keys.sbv2_keys(product)
-        if not keys:
+        all_keys = self._keys.sbv2_keys(product)
+        if not all_keys:
             raise NotFound(
                 f"product {product!r} has no Secure Boot V2 keys; a security officer creates one with "
                 f"'kms keys create --product {product} --purpose secure-boot-v2 ...'"
             )
+        keys = sbv2_slots.signing_keys(all_keys, self._revoked_slots.get(product))
+        if not keys:
+            raise FailedPrecondition(f"every Secure Boot V2 slot of product {product!r} is revoked")
         versions = [_enabled(key) for key in keys]
         chips.check_sbv2_keys(app.chip, [v.algorithm for v in versions], [v.name for v in versions])
         chips.check_sbv2_chip_revision(app.chip, app.min_chip_rev_full)
@@ -204,6 +244,10 @@ class SigningService:
         """Drop cached state of a key this process just changed (wire to ``KeyLifecycle(changed=...)``)."""
         self._key_cache.invalidate(key_id)
 
+    def slots_changed(self, product: str) -> None:
+        """Drop the cached revoked slots of a product whose slot this process just revoked."""
+        self._revoked_slots.invalidate(product)
+
     def read_release(self, release: Release, offset: int = 0) -> bytes:
         return self._releases.read_image(release.output_sha256, offset)
 
@@ -223,6 +267,8 @@ class SigningService:
                 f"key {key.name} is a {key.purpose.value} key; only secure-boot-v2 and digest-signing keys "
                 "sign caller-supplied digests"
             )
+        if key.purpose is KeyPurpose.SECURE_BOOT_V2:
+            sbv2_slots.check_not_revoked(key, self._revoked_slots.get(key.product))
         version = _enabled(key, key_name.version)
         algorithm = version.algorithm
         if hash_algorithm is not algorithm.hash or len(digest) != algorithm.hash.size:

@@ -3,8 +3,18 @@
 A device row holds the eFuse secret only wrapped under a KEK version (``wrapped_secret`` with its mechanism
 and KEK key/version) plus its fingerprint; never the secret. ``add_many`` registers a batch in one
 transaction and reports, per device, whether it was created, was already registered with the same secret
-(fingerprints equal: a no-op), or conflicts (another secret: ``AlreadyExists``). Nothing is acknowledged
-before the commit.
+(fingerprints equal: a no-op), was re-provisioned (another secret while open for re-provisioning), or
+conflicts (another secret: ``AlreadyExists``); the rules are ``kms.domain.devices.registration_outcome``.
+Nothing is acknowledged before the commit.
+
+Re-provisioning (migration 9 added ``reprovision_until``, ``reprovision_request`` and ``secret_generation``):
+``open_reprovisioning`` opens the window; the registration that re-provisions replaces the secret, its wrap,
+fingerprint and ECIES key, increments the generation and closes the window in the same statement, in the
+write transaction that read the window (``BEGIN IMMEDIATE``: nothing interleaves), so one window admits one
+new secret. ``revoke`` closes the window.
+Payload manifest signatures (``payload_signatures``) are kept: they cover the manifest, which names the
+device but holds nothing derived from its secret; the payload key is derived from the stored secret at
+every request.
 """
 
 from __future__ import annotations
@@ -12,11 +22,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from kms.domain.devices import Device, DeviceState, Registration, WrappedSecret
+from kms.domain.devices import (
+    Device,
+    DeviceState,
+    Registration,
+    WrappedSecret,
+    check_reprovisionable,
+    registration_outcome,
+    reprovisioned,
+)
 from kms.domain.errors import AlreadyExists, KmsError, NotFound
 from kms.domain.kek_rotation import Rewrap, StoredSecret
 from kms.store.database import Database, Row, Session, timestamp_text
 
+_REPROVISION = """
+UPDATE devices SET kek_key_id = ?, kek_version = ?, wrap_mechanism = ?, wrapped_secret = ?, fingerprint = ?,
+                   ecies_public_key = ?, secret_generation = ?, reprovision_until = NULL,
+                   reprovision_request = NULL
+WHERE device_id = ?
+"""
 _INSERT = """
 INSERT INTO devices (device_id, product, chip, state, kek_key_id, kek_version, wrap_mechanism,
                      wrapped_secret, fingerprint, ecies_public_key, registered_by, registered_at)
@@ -40,6 +64,11 @@ def _from_row(row: Row) -> Device:
         registered_by=row.text("registered_by"),
         registered_at=row.timestamp("registered_at"),
         ecies_public_key=row.optional_blob("ecies_public_key"),
+        secret_generation=row.integer("secret_generation"),
+        reprovision_until=(
+            None if row.optional_text("reprovision_until") is None else row.timestamp("reprovision_until")
+        ),
+        reprovision_request=row.optional_text("reprovision_request"),
     )
 
 
@@ -65,24 +94,35 @@ class SqliteDeviceRepository:
         with self._db.transaction() as session:
             for device in devices:
                 existing = _get(session, device.device_id)
-                if existing is None:
+                outcome = registration_outcome(existing, device)
+                if outcome is Registration.CREATED:
                     session.execute(_INSERT, _values(device))
-                    outcomes.append(Registration.CREATED)
-                elif existing.fingerprint == device.fingerprint and existing.product == device.product:
-                    outcomes.append(Registration.UNCHANGED)
-                else:
-                    outcomes.append(
-                        AlreadyExists(
-                            f"device {device.device_id!r} is already registered with a different secret or "
-                            "product; re-provisioning is a security officer's act"
-                        )
-                    )
+                elif outcome is Registration.REPROVISIONED:
+                    assert existing is not None
+                    _reprovision(session, reprovisioned(existing, device))
+                outcomes.append(outcome)
         return outcomes
+
+    def open_reprovisioning(self, device_id: str, until: datetime, request_id: str) -> Device:
+        """Open the device for re-provisioning until ``until`` (replacing an open window)."""
+        with self._db.transaction() as session:
+            device = _get(session, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r} is registered")
+            check_reprovisionable(device)
+            session.execute(
+                "UPDATE devices SET reprovision_until = ?, reprovision_request = ? WHERE device_id = ?",
+                [timestamp_text(until), request_id, device_id],
+            )
+            opened = _get(session, device_id)
+        assert opened is not None
+        return opened
 
     def revoke(self, device_id: str, at: datetime) -> Device:
         with self._db.transaction() as session:
             changed = session.execute(
-                "UPDATE devices SET state = ?, revoked_at = COALESCE(revoked_at, ?) WHERE device_id = ?",
+                "UPDATE devices SET state = ?, revoked_at = COALESCE(revoked_at, ?), "
+                "reprovision_until = NULL, reprovision_request = NULL WHERE device_id = ?",
                 [DeviceState.REVOKED.value, timestamp_text(at), device_id],
             )
             if changed == 0:
@@ -194,6 +234,22 @@ def rewrap_rows(session: Session, kek_key_id: str, rewraps: Sequence[Rewrap]) ->
             ],
         )
     return changed
+
+
+def _reprovision(session: Session, device: Device) -> None:
+    session.execute(
+        _REPROVISION,
+        [
+            device.secret.kek_key_id,
+            device.secret.kek_version,
+            device.secret.mechanism,
+            device.secret.blob,
+            device.fingerprint,
+            device.ecies_public_key,
+            device.secret_generation,
+            device.device_id,
+        ],
+    )
 
 
 def _values(device: Device) -> list[object]:

@@ -18,7 +18,9 @@ Lifecycle (migration 3, "key lifecycle", for ``kms.domain.lifecycle``) adds::
                      to_state, actor, at, destroy_after: every lifecycle event, append-only
 
 A lifecycle change (``apply_change``) is one transaction that first compares every version's state and the
-primary with those the change was computed from, so concurrent changes of one key cannot interleave.
+primary with those the change was computed from, so concurrent changes of one key cannot interleave. A
+rotation of an OTA manifest key also writes the new version's rollover statement (``kms.store.rollovers``)
+and the key-use record of its signature (``signatures``) in that transaction.
 
 Enums are stored by their ``value`` (``Algorithm.value`` etc.), timestamps as ISO-8601 UTC text with
 microseconds. Every write is one transaction that checks its constraints first (inside ``BEGIN
@@ -42,6 +44,8 @@ from kms.domain.lifecycle import (
     Transition,
 )
 from kms.store.database import Database, Row, Session, timestamp_text
+from kms.store.rollovers import insert_rollover
+from kms.store.signature_log import insert_signatures
 
 # One query for every read; NULL parameters mean "any".
 _KEYS = """
@@ -238,6 +242,12 @@ class SqliteKeyRepository:
                 )
             for record in change.transitions:
                 _insert_transition(session, record)
+            if change.rollover is not None:
+                new, introduced = change.new_version, change.rollover
+                if new is None or (new.key_id, new.version) != (introduced.key_id, introduced.to_version):
+                    raise InvalidArgument("a rollover statement is stored with the version it introduces")
+                insert_rollover(session, change.rollover)
+            insert_signatures(session, change.key_uses)
 
     def record_material_destroyed(self, key_id: str, version: int, at: datetime) -> None:
         name = KeyName(key_id, version)

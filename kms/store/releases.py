@@ -5,8 +5,14 @@ Tables (created by migration 1)::
     releases        output_sha256 BLOB PK, product, chip, version, secure_version, project_name,
                     input_sha256 BLOB, output_size, key_versions, signed_by, created_at;
                     UNIQUE INDEX (product, input_sha256, key_versions).
-    product_floors  product PK, secure_version: the highest secure_version signed for the product.
+    product_floors  product PK, secure_version: the highest secure_version signed for the product, or lower
+                    after an officers' lowering.
     signatures      the key-use records (see ``kms.store.signature_log``).
+
+and by migration 9::
+
+    floor_lowerings id PK, product, from_secure_version, to_secure_version, at, officer, approval_id: every
+                    lowering of a floor under dual control; the last one per product is the floor's history.
 
 ``key_versions`` is the ordered list of key version names as canonical JSON (no spaces, ASCII), so equal
 lists are equal text and the unique index identifies "this input signed with exactly these versions".
@@ -25,6 +31,15 @@ winner's). That file is harmless garbage and is NOT deleted here: another writer
 bytes and be about to commit a reference to them; only a collector that treats recently written files
 (``BlobStore.put`` refreshes mtime) as live may remove unreferenced images. The converse never happens: a
 committed release always has its image, so a missing or corrupted image is ``DataLoss``.
+
+The same transaction refuses a release signed by a key whose Secure Boot V2 slot is revoked
+(``kms.domain.sbv2_slots.check_release_keys``): the signing service reads revocations through a 1 s cache,
+and this check makes "after revocation nothing is signed with that slot's key" hold for releases exactly.
+
+Lowering a floor (``lower_floor``) reads the floor, checks it is still the one the approval request saw
+(``kms.domain.releases.check_floor_unmoved``), sets it and records the lowering, all in ONE transaction, so a
+release committed concurrently either raised the floor before (the lowering is refused) or checks its
+secure_version against the lowered floor after.
 """
 
 from __future__ import annotations
@@ -34,7 +49,15 @@ import json
 from collections.abc import Iterator, Sequence
 
 from kms.domain.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
-from kms.domain.releases import Release, SignatureRecord, check_floor
+from kms.domain.releases import (
+    FloorLowering,
+    Release,
+    RollbackFloor,
+    SignatureRecord,
+    check_floor,
+    check_floor_unmoved,
+)
+from kms.domain.sbv2_slots import check_release_keys
 from kms.store.blobs import CHUNK_SIZE, BlobStore
 from kms.store.database import Database, Row, Session, timestamp_text
 from kms.store.signature_log import insert_signatures
@@ -49,6 +72,14 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 _RAISE_FLOOR = """
 INSERT INTO product_floors (product, secure_version) VALUES (?, ?)
 ON CONFLICT (product) DO UPDATE SET secure_version = max(secure_version, excluded.secure_version)
+"""
+
+
+_FLOOR = "SELECT secure_version FROM product_floors WHERE product = ?"
+_LAST_LOWERING = "SELECT * FROM floor_lowerings WHERE product = ? ORDER BY id DESC LIMIT 1"
+_INSERT_LOWERING = """
+INSERT INTO floor_lowerings (product, from_secure_version, to_secure_version, at, officer, approval_id)
+VALUES (?, ?, ?, ?, ?, ?)
 """
 
 
@@ -83,9 +114,30 @@ def _release_from_row(row: Row) -> Release:
     )
 
 
+_REVOKED_SLOT_KEYS = "SELECT key_id FROM sbv2_slot_revocations WHERE product = ?"
+
+
 def _find(session: Session, product: str, input_sha256: bytes, key_versions: Sequence[str]) -> Release | None:
     row = session.row(_FIND, [product, input_sha256, encode_key_versions(key_versions)])
     return None if row is None else _release_from_row(row)
+
+
+def _floor(session: Session, product: str) -> int | None:
+    row = session.row(_FLOOR, [product])
+    return None if row is None else row.integer("secure_version")
+
+
+def _rollback_floor(session: Session, product: str) -> RollbackFloor:
+    lowering = session.row(_LAST_LOWERING, [product])
+    if lowering is None:
+        return RollbackFloor(product, _floor(session, product))
+    return RollbackFloor(
+        product,
+        _floor(session, product),
+        lowered_at=lowering.timestamp("at"),
+        lowered_by=lowering.text("officer"),
+        lowering_request=lowering.text("approval_id"),
+    )
 
 
 class SqliteReleaseRepository:
@@ -108,8 +160,32 @@ class SqliteReleaseRepository:
 
     def secure_version_floor(self, product: str) -> int | None:
         with self._db.snapshot() as session:
-            row = session.row("SELECT secure_version FROM product_floors WHERE product = ?", [product])
-        return None if row is None else row.integer("secure_version")
+            return _floor(session, product)
+
+    def rollback_floor(self, product: str) -> RollbackFloor:
+        with self._db.snapshot() as session:
+            return _rollback_floor(session, product)
+
+    def lower_floor(self, lowering: FloorLowering) -> RollbackFloor:
+        """Lower the floor if it is still ``lowering.from_secure_version`` (see the module docstring)."""
+        with self._db.transaction() as session:
+            check_floor_unmoved(lowering, _floor(session, lowering.product))
+            session.execute(
+                "UPDATE product_floors SET secure_version = ? WHERE product = ?",
+                [lowering.to_secure_version, lowering.product],
+            )
+            session.execute(
+                _INSERT_LOWERING,
+                [
+                    lowering.product,
+                    lowering.from_secure_version,
+                    lowering.to_secure_version,
+                    timestamp_text(lowering.at),
+                    lowering.officer,
+                    lowering.request_id,
+                ],
+            )
+            return _rollback_floor(session, lowering.product)
 
     def record(self, release: Release, signed_image: bytes, signatures: Sequence[SignatureRecord]) -> Release:
         if (
@@ -125,12 +201,9 @@ class SqliteReleaseRepository:
             existing = _find(session, release.product, release.input_sha256, release.key_versions)
             if existing is not None:
                 return existing
-            floor = session.row(
-                "SELECT secure_version FROM product_floors WHERE product = ?", [release.product]
-            )
-            check_floor(
-                release.product, release.secure_version, floor.integer("secure_version") if floor else None
-            )
+            check_floor(release.product, release.secure_version, _floor(session, release.product))
+            revoked = session.rows(_REVOKED_SLOT_KEYS, [release.product])
+            check_release_keys(release.key_versions, {row.text("key_id") for row in revoked})
             if session.row("SELECT 1 FROM releases WHERE output_sha256 = ?", [release.output_sha256]):
                 raise AlreadyExists(f"{release.name} is already recorded for another input or product")
             session.execute(

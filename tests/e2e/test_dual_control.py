@@ -70,7 +70,8 @@ def test_m_distinct_other_officers_approve_then_execute(
     )
     assert made.state == approvals_pb2.APPROVAL_STATE_PENDING and made.required_approvals == 2
     assert made.requester == "spiffe://kms.dev/security-officer/alice"
-    assert made.target == version and dict(made.parameters) == {"delay_seconds": "7200"}
+    assert made.target == version
+    assert dict(made.parameters) == {"delay_seconds": "7200", "product": "dual-control"}
 
     code, details = _code(lambda: alice.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=made.id)))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "cannot vote" in details

@@ -1,23 +1,37 @@
 """Product scope against a real server whose configuration names a policy file (``[policy] file``).
 
 The development build server and distribution server are scoped to product ``p-a``, the development
-security officer too; the other identities are not listed and keep every product (``default = "all"``).
+security officer too; the other identities (the auditor, the registrar, and the officers alice, bob and
+carol) are not listed and keep every product (``default = "all"``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from kmsapi.v1 import devices_pb2, devices_pb2_grpc, keys_pb2, keys_pb2_grpc
+from kmsapi.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    approvals_pb2,
+    approvals_pb2_grpc,
+    common_pb2,
+    devices_pb2,
+    devices_pb2_grpc,
+    kek_pb2,
+    kek_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
 from kmsctl import PermissionDeniedError
 from tests.support.esp_images import build_app_image
 from tests.support.kms_server import KeySpec, RunningKms, init_state, running_kms
+from tests.support.officers import issue_officers, officer_channel
 
 A, B = "p-a", "p-b"
 CHIP = "esp32c6"
@@ -39,6 +53,7 @@ def scoped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningK
     (state / "policy.toml").write_text(POLICY, encoding="utf-8")
     with (state / "kms.toml").open("a", encoding="utf-8") as config:
         config.write('\n[policy]\nfile = "policy.toml"\n')
+    issue_officers(state)
     with running_kms(state, KEYS, init=False) as server:
         yield server
 
@@ -136,3 +151,105 @@ def test_registrar_scope_follows_the_policy_default(scoped_server: RunningKms) -
         for product in (A, B):
             request = devices_pb2.GetRegistrationKeyRequest(product=product)
             assert stub.GetRegistrationKey(request, timeout=30).key_version
+
+
+def _refused(call: Callable[[], object], product: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    _denied(error, product)
+
+
+def test_an_officer_administers_the_keys_of_its_product_only(scoped_server: RunningKms) -> None:
+    with _channel(scoped_server, "security-officer") as channel:
+        admin = admin_pb2_grpc.KeyAdminServiceStub(channel)
+        theirs, mine = f"keys/{B}-sbv2", f"keys/{A}-sbv2"
+        for call in (
+            lambda: admin.RotateKey(admin_pb2.RotateKeyRequest(name=theirs), timeout=30),
+            lambda: admin.UpdateKeyVersionState(
+                admin_pb2.UpdateKeyVersionStateRequest(
+                    name=f"{theirs}/versions/1", state=common_pb2.DISABLED
+                ),
+                timeout=30,
+            ),
+            lambda: admin.SetRotationSchedule(
+                admin_pb2.SetRotationScheduleRequest(name=theirs, period_seconds=86400 * 90), timeout=30
+            ),
+            lambda: admin.ListKeyTransitions(admin_pb2.ListKeyTransitionsRequest(name=theirs), timeout=30),
+            lambda: admin.CreateKey(
+                admin_pb2.CreateKeyRequest(
+                    key_id=f"{B}-extra", product=B, purpose=common_pb2.DIGEST_SIGNING, algorithm="ecdsa-p256"
+                ),
+                timeout=30,
+            ),
+        ):
+            _refused(call, B)
+        # The same calls on its own product's key pass the scope check (these change nothing).
+        request = admin_pb2.UpdateKeyVersionStateRequest(name=f"{mine}/versions/1", state=common_pb2.ENABLED)
+        assert admin.UpdateKeyVersionState(request, timeout=30).key.name == mine
+        admin.ListKeyTransitions(admin_pb2.ListKeyTransitionsRequest(name=mine), timeout=30)  # not refused
+    # B's key is as it was: the auditor (every product) sees version 1 still enabled, no version 2.
+    with _channel(scoped_server, "auditor") as channel:
+        listed = keys_pb2_grpc.KeyServiceStub(channel).ListKeys(keys_pb2.ListKeysRequest(), timeout=30).keys
+    (their_key,) = [k for k in listed if k.name == theirs]
+    assert [(v.name, v.state) for v in their_key.versions] == [(f"{theirs}/versions/1", common_pb2.ENABLED)]
+
+
+def test_an_officer_rotates_the_kek_of_its_product_only(scoped_server: RunningKms) -> None:
+    with _channel(scoped_server, "security-officer") as channel:
+        kek = kek_pb2_grpc.KekRotationServiceStub(channel)
+        _refused(lambda: kek.StartKekRotation(kek_pb2.StartKekRotationRequest(product=B), timeout=30), B)
+        _refused(lambda: kek.GetKekRotation(kek_pb2.GetKekRotationRequest(product=B), timeout=30), B)
+        with pytest.raises(grpc.RpcError) as error:  # past the scope check: A's KEK was never rotated
+            kek.GetKekRotation(kek_pb2.GetKekRotationRequest(product=A), timeout=30)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_officer_sees_and_votes_on_the_approval_requests_of_its_product_only(
+    scoped_server: RunningKms,
+) -> None:
+    def destruction(version: str) -> approvals_pb2.RequestKeyVersionDestructionRequest:
+        return approvals_pb2.RequestKeyVersionDestructionRequest(name=version)
+
+    with (
+        officer_channel(scoped_server, "security-officer-alice") as a,
+        officer_channel(scoped_server, "security-officer-bob") as b,
+        _channel(scoped_server, "security-officer") as d,
+    ):
+        alice, bob, dev = (approvals_pb2_grpc.ApprovalServiceStub(c) for c in (a, b, d))
+        theirs = alice.RequestKeyVersionDestruction(destruction(f"keys/{B}-sbv2/versions/1"), timeout=30)
+        mine = alice.RequestKeyVersionDestruction(destruction(f"keys/{A}-sbv2/versions/1"), timeout=30)
+        assert (theirs.parameters["product"], mine.parameters["product"]) == (B, A)
+        try:
+            listed = dev.ListApprovalRequests(
+                approvals_pb2.ListApprovalRequestsRequest(), timeout=30
+            ).requests
+            assert mine.id in {r.id for r in listed} and theirs.id not in {r.id for r in listed}
+            assert {r.parameters["product"] for r in listed} == {A}
+            _refused(
+                lambda: dev.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=theirs.id), timeout=30), B
+            )
+            _refused(
+                lambda: dev.RejectRequest(
+                    approvals_pb2.RejectRequestRequest(id=theirs.id, reason="no"), timeout=30
+                ),
+                B,
+            )
+            _refused(
+                lambda: dev.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=theirs.id), timeout=30), B
+            )
+            _refused(
+                lambda: dev.RequestKeyVersionDestruction(
+                    destruction(f"keys/{B}-sbv2/versions/2"), timeout=30
+                ),
+                B,
+            )
+            approved = dev.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=mine.id), timeout=30)
+            assert [v.officer for v in approved.approvals] == ["spiffe://kms.dev/security-officer/dev"]
+            everything = bob.ListApprovalRequests(approvals_pb2.ListApprovalRequestsRequest(), timeout=30)
+            unchanged = {r.id: r for r in everything.requests}[theirs.id]
+            assert (list(unchanged.approvals), list(unchanged.rejections)) == ([], [])
+        finally:  # nothing of this test may ever be executed
+            for request in (theirs, mine):
+                bob.RejectRequest(
+                    approvals_pb2.RejectRequestRequest(id=request.id, reason="test"), timeout=30
+                )

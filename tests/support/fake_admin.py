@@ -1,10 +1,11 @@
 """A key administration server for client and CLI tests: the real ``KeyAdminServicer`` on a fake HSM.
 
 The servicer, the lifecycle rules and the SQLite store are the service's own; only the HSM is a fake
-(``SoftwareHsm``: it hands out ids and dummy public keys, nothing signs), and the clock is settable. It is
-served over mutual TLS with the development PKI (``kms.server.pki``), so ``kmsctl --state-dir`` finds the
-security officer's certificate and the servicer sees the officer's SPIFFE identity. There is no
-authorization interceptor: which roles may call is the real server's business (tests/e2e/test_key_admin.py).
+(``SoftwareHsm``: ids, software P-256 keys that sign, dummy public keys otherwise), and the clock is
+settable. It is served over mutual TLS with the development PKI (``kms.server.pki``), so ``kmsctl
+--state-dir`` finds the security officer's certificate and the servicer sees the officer's SPIFFE
+identity. There is no authorization interceptor: which roles may call is the real server's business
+(tests/e2e/test_key_admin.py).
 
 ``FailFirst`` makes the first calls of chosen methods fail with UNAVAILABLE before they reach the servicer,
 and counts the calls of every method, to show which calls the client retries.
@@ -22,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
-from kms.domain.errors import HsmUnavailable, KmsError
+from kms.domain.errors import HsmFailure, HsmUnavailable, KmsError
 from kms.domain.keys import Algorithm
 from kms.domain.ports import GeneratedKeyPair, ImportedSecret, TransportBatch
 from kms.server.admin_servicers import add_key_admin
@@ -38,11 +42,13 @@ OFFICER = "spiffe://kms.dev/security-officer/dev"
 
 
 class SoftwareHsm:
-    """Generation and destruction only. ``generated`` counts generations; ``fail_generate`` makes the next
-    that many raise ``HsmUnavailable``."""
+    """Generation and destruction, and ECDSA P-256 signing (OTA manifest key rotations sign rollover
+    statements): P-256 pairs are real software keys, other pairs get dummy public keys and do not sign.
+    ``generated`` counts generations; ``fail_generate`` makes the next that many raise ``HsmUnavailable``."""
 
     def __init__(self) -> None:
         self.held: dict[bytes, str] = {}
+        self.p256: dict[bytes, ec.EllipticCurvePrivateKey] = {}
         self.generated = 0
         self.fail_generate = 0
 
@@ -57,7 +63,13 @@ class SoftwareHsm:
 
     def generate_key_pair(self, algorithm: Algorithm, label: str) -> GeneratedKeyPair:
         hsm_id = self._new(label)
-        return GeneratedKeyPair(hsm_id, b"public " + hsm_id)
+        if algorithm is not Algorithm.ECDSA_P256_SHA256:
+            return GeneratedKeyPair(hsm_id, b"public " + hsm_id)
+        private = self.p256[hsm_id] = ec.generate_private_key(ec.SECP256R1())
+        der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return GeneratedKeyPair(hsm_id, der)
 
     def generate_secret_key(self, algorithm: Algorithm, label: str) -> bytes:
         return self._new(label)
@@ -66,7 +78,11 @@ class SoftwareHsm:
         self.held.pop(hsm_id, None)
 
     def sign_digest(self, hsm_id: bytes, algorithm: Algorithm, digest: bytes) -> bytes:
-        raise NotImplementedError
+        if hsm_id not in self.held or hsm_id not in self.p256:
+            raise HsmFailure("no such P-256 key in the fake HSM")
+        der = self.p256[hsm_id].sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        r, s = decode_dss_signature(der)
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
     def import_secrets(
         self,

@@ -655,6 +655,7 @@ class FakeKms(
             kek_version=f"keys/{device.product}-kek/versions/1",
             has_ecies_public_key=device.ecies_public_key is not None,
             registered_by=device.registered_by,
+            secret_generation=1,
         )
         info.register_time.FromDatetime(datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC))
         return info

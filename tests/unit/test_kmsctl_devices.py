@@ -238,6 +238,7 @@ def test_register_jsonl_plain_with_json_output(kmsctl: Kmsctl, fake: FakeKms, wo
         "transport_key_version": "",
         "created": 3,
         "unchanged": 0,
+        "reprovisioned": 0,
         "rejected_count": 0,
         "invalid": 0,
         "conflicts": 0,
@@ -512,6 +513,8 @@ def test_revoke_uses_the_security_officer_identity(as_role: Callable[[str], Kmsc
         "has_ecies_public_key": True,
         "registered_by": "factory-registrar",
         "register_time": "2025-03-04T05:06:07+00:00",
+        "secret_generation": 1,
+        "reprovision_until": None,
     }
     assert officer.fake.identities == ["security-officer"]
     result = officer("devices", "revoke", "24:6f:28:aa:bb:cc")

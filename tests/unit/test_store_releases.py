@@ -230,3 +230,24 @@ def test_concurrent_records_from_separate_databases_give_one_row(
             other.close()
     assert len(set(results)) == 1
     assert count(db, "releases") == 1
+
+
+def test_a_release_signed_by_a_revoked_slots_key_is_not_recorded(
+    repo: SqliteReleaseRepository, db: Database
+) -> None:
+    """The last guard behind the signing service's 1 s cache of revoked slots: the release transaction
+    itself refuses a release carrying a block of a revoked slot's key, and writes nothing."""
+    conn = sqlite3.connect(db.path)  # raw connection: no foreign keys, so no key rows are needed
+    conn.execute(
+        "INSERT INTO sbv2_slot_revocations VALUES ('thermostat', 1, 'fw-backup', '2024-05-01T12:00:00Z', "
+        "'spiffe://kms.dev/security-officer/alice', 'r1')"
+    )
+    conn.commit()
+    conn.close()
+    image = os.urandom(4096)
+    release = release_of(image)
+    with pytest.raises(FailedPrecondition, match="slot of key fw-backup was revoked"):
+        repo.record(release, image, records_for(release))
+    assert count(db, "releases") == 0 and count(db, "signatures") == 0
+    other_product = replace(release, product="lamp")
+    assert repo.record(other_product, image, records_for(other_product)) == other_product

@@ -2,9 +2,10 @@
 
 ``decode_stream`` is the specification's second implementation (``docs/sealed-payload-v1.md``), written
 from the spec alone and importing nothing from the service (``kms``); ``DeviceModel`` wraps it in what a
-device adds around it: the eFuse HMAC, the anti-rollback floor and an A/B flash that must survive a power
-cut at any point. The C reference decoder (``client/device-c``) is checked against the same vectors
-(``tests/vectors/sealed``) and tamper matrix (``tests/support/sealed_tamper.py``).
+device adds around it: the eFuse HMAC, the anti-rollback floor, an A/B flash that must survive a power
+cut at any point, and trusted manifest keys that move by rollover statements (``rollover``). The C
+reference decoder (``client/device-c``) is checked against the same vectors (``tests/vectors/sealed``) and
+tamper matrix (``tests/support/sealed_tamper.py``).
 """
 
 from kmsctl.device.decoder import (
@@ -30,8 +31,17 @@ from kmsctl.device.model import (
     OtaEntry,
     PowerCut,
     PowerSupply,
+    RolloverResult,
     UpdateResult,
     cut_stream,
+)
+from kmsctl.device.rollover import (
+    RolloverRejected,
+    RolloverVerdict,
+    parse_statement,
+    split_statements,
+    verify_chain,
+    verify_statement,
 )
 
 __all__ = [
@@ -46,6 +56,9 @@ __all__ = [
     "PayloadRejected",
     "PowerCut",
     "PowerSupply",
+    "RolloverRejected",
+    "RolloverResult",
+    "RolloverVerdict",
     "Sink",
     "UpdateResult",
     "Verdict",
@@ -54,7 +67,11 @@ __all__ = [
     "decode_stream",
     "hmac_sha256",
     "manifest_key_id",
+    "parse_statement",
     "payload_key_info",
     "segment_nonce",
+    "split_statements",
+    "verify_chain",
     "verify_p256_signature",
+    "verify_statement",
 ]

@@ -12,6 +12,11 @@ An entry counts if its CRC matches and ``ota_seq`` is not 0xFFFFFFFF (erased); t
 ``ota_seq`` selects slot ``(ota_seq - 1) % 2``. Entry ``ota_seq % 2`` is written, so switching slots never
 touches the entry in use: a power cut while writing leaves a bad CRC and the old selection.
 
+``apply_key_rollover`` moves the trusted manifest keys along a chain of rollover statements
+(``kmsctl.device.rollover``, ``docs/manifest-key-rollover.md``): every statement is checked first, then the
+new set is written in ONE operation (a real device writes a second copy with a sequence number and CRC, as
+otadata does, so a power cut leaves the old set or the new one, never a mix).
+
 ``apply_update`` streams a payload into the inactive slot (only authenticated segments are written), reads the
 slot back and checks its SHA-256, writes the new otadata entry (the commit point) and raises the floor.
 Every flash erase, flash write and eFuse burn is one *operation*; ``PowerSupply.cut_at`` makes one of them
@@ -42,6 +47,7 @@ from kmsctl.device.decoder import (
     hmac_sha256,
     manifest_key_id,
 )
+from kmsctl.device.rollover import RolloverRejected, RolloverVerdict, split_statements, verify_chain
 
 SECTOR_SIZE = 4096
 OTADATA_ENTRY_LEN = 16
@@ -151,6 +157,17 @@ class UpdateResult:
     manifest: DecodedManifest | None
 
 
+@dataclass(frozen=True)
+class RolloverResult:
+    """``verdict`` OK: every statement passed and the device now trusts ``trusted_key_ids``. Otherwise
+    statement ``index`` failed, nothing changed and ``trusted_key_ids`` are those trusted before."""
+
+    verdict: RolloverVerdict
+    detail: str
+    index: int | None
+    trusted_key_ids: frozenset[bytes]
+
+
 class _SlotWriter:
     """The decoder's sink: erase the inactive slot, then write each authenticated segment into it."""
 
@@ -180,7 +197,9 @@ class DeviceModel:
         floor: int,
         slot_size: int = 64 * 1024,
         factory_image: bytes = b"factory app",
+        product: bytes = b"",
     ) -> None:
+        """``product`` is the product name the firmware was built for (rollover statements name it)."""
         if len(efuse_secret) != 32:
             raise ValueError("the eFuse secret is 32 bytes")
         keys: dict[bytes, ec.EllipticCurvePublicKey] = {}
@@ -191,6 +210,7 @@ class DeviceModel:
             keys[manifest_key_id(key)] = key
         self._device_id = device_id
         self._chip_id = chip_id
+        self._product = product
         self._keys = keys
         # The secret is reachable only through this HMAC, as through the HMAC peripheral.
         self._efuse_hmac = functools.partial(hmac_sha256, bytes(efuse_secret))
@@ -205,6 +225,32 @@ class DeviceModel:
     @property
     def floor(self) -> int:
         return self._floor
+
+    @property
+    def trusted_key_ids(self) -> frozenset[bytes]:
+        """The ids of the manifest keys the device trusts now."""
+        return frozenset(self._keys)
+
+    def apply_key_rollover(self, statements: Sequence[bytes] | bytes) -> RolloverResult:
+        """Check a chain of rollover statements (a list, or their concatenation) against the trusted keys,
+        oldest first; if every one passes, store the new trusted set in one operation.
+
+        A rejected chain changes nothing (all or nothing). ``PowerCut`` propagates: the cut write leaves the
+        old set (``boot()`` then restarts with it).
+        """
+        if not self._product:
+            raise ValueError("this device model has no product: pass product= to accept key rollovers")
+        before = frozenset(self._keys)
+        try:
+            chain = split_statements(statements) if isinstance(statements, bytes) else list(statements)
+            keys = verify_chain(chain, self._product, self._keys)
+        except RolloverRejected as rejected:
+            return RolloverResult(rejected.verdict, rejected.detail, rejected.index, before)
+        if chain:
+            if self.power.operation("write trusted manifest keys"):
+                raise PowerCut("while writing the trusted manifest keys")
+            self._keys = keys
+        return RolloverResult(RolloverVerdict.OK, "", None, frozenset(self._keys))
 
     def context(self) -> DeviceContext:
         return DeviceContext(self._device_id, self._chip_id, self._floor, self._keys, self._efuse_hmac)
