@@ -6,6 +6,10 @@ For development and tests only; production brings its own CA (README, "Productio
     ca.pem, ca.key                      the development CA (ECDSA P-256, 10 years)
     server.pem, server.key              SAN DNS:localhost, IP:127.0.0.1, IP:::1
     clients/{role}.pem, {role}.key      SAN URI spiffe://kms.dev/{role}/dev, CN {role}
+    clients/security-officer-{name}.*   two more officers, bob and carol, SAN URI
+                                        spiffe://kms.dev/security-officer/{name}, so that dual control (two
+                                        approvals by officers other than the requester) works out of the box:
+                                        ``kmsctl approvals approve ID --identity security-officer-bob``
 
 A caller's identity is the first URI SAN of its certificate; its role is the first path segment of a
 ``spiffe://`` identity (see ``kms.server.auth``). Private keys are written with mode 0600.
@@ -26,6 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kms.domain.identity import Role
 
 TRUST_DOMAIN = "kms.dev"
+DEV_OFFICERS = ("bob", "carol")
+"""The extra officers of the development PKI (``[dual_control] required_approvals`` is 2 by default)."""
 _VALIDITY = dt.timedelta(days=3650)
 
 
@@ -111,9 +117,31 @@ def make_ca(
     return key, cert
 
 
+def _load_ca(pki_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{pki_dir / 'ca.key'} is not the development CA's EC key")
+    return key, x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
+
+
+def _issue_officers(pki_dir: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:
+    """Issue the ``DEV_OFFICERS`` certificates that do not exist yet."""
+    for name in DEV_OFFICERS:
+        stem = f"{Role.SECURITY_OFFICER.value}-{name}"
+        if (pki_dir / "clients" / f"{stem}.pem").exists():
+            continue
+        uri = x509.UniformResourceIdentifier(spiffe_id(Role.SECURITY_OFFICER, name))
+        key, cert = issue(ca_key, ca_cert, stem, [uri], server=False)
+        _write_private(pki_dir / "clients" / f"{stem}.key", key)
+        _write_cert(pki_dir / "clients" / f"{stem}.pem", cert)
+
+
 def create_dev_pki(pki_dir: Path) -> None:
-    """Create the development PKI under ``pki_dir`` unless it exists (idempotent)."""
+    """Create the development PKI under ``pki_dir`` unless it exists (idempotent); a PKI made before the
+    extra officers existed gets them."""
     if (pki_dir / "ca.pem").exists():
+        if (pki_dir / "ca.key").exists():
+            _issue_officers(pki_dir, *_load_ca(pki_dir))
         return
     (pki_dir / "clients").mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca()
@@ -131,5 +159,6 @@ def create_dev_pki(pki_dir: Path) -> None:
         )
         _write_private(pki_dir / "clients" / f"{role.value}.key", key)
         _write_cert(pki_dir / "clients" / f"{role.value}.pem", cert)
+    _issue_officers(pki_dir, ca_key, ca_cert)
     _write_private(pki_dir / "ca.key", ca_key)
     _write_cert(pki_dir / "ca.pem", ca_cert)  # written last: its presence marks a complete PKI

@@ -11,6 +11,8 @@ request, approve and execute policy changes (``kms.domain.policy``).
 
 from __future__ import annotations
 
+import hashlib
+
 from datetime import datetime
 
 import grpc
@@ -89,6 +91,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: policy_pb2.GetAuthorizationPolicyRequest, context: grpc.ServicerContext
     ) -> policy_pb2.AuthorizationPolicy:
         note(product=SYSTEM_PRODUCT, resource=POLICY_TARGET)
+        if request.draft_sha256:
+            text = self._policies.draft(request.draft_sha256)
+            return policy_pb2.AuthorizationPolicy(
+                toml=text, sha256=hashlib.sha256(text.encode("utf-8")).digest(), draft=True
+            )
         return policy_pb(self._policies.in_force())
 
 

@@ -139,6 +139,12 @@ class AuthorizationPolicies:
         """Read the policy again at the next ``current()`` (this process installed a new version)."""
         self._cached = None
 
+    def draft(self, sha256: bytes) -> str:
+        """The text proposed under ``sha256``, for approvers to read what they approve (``NotFound``)."""
+        if len(sha256) != 32:
+            raise InvalidArgument(f"a policy SHA-256 is 32 bytes, not {len(sha256)}")
+        return self._store.draft(sha256)
+
     # -- changes under dual control --------------------------------------------------------------------
 
     def _check(self, text: str) -> None:

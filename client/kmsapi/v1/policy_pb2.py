@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kmsapi/v1/policy.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1f\n\x1dGetAuthorizationPolicyRequest\"\xa1\x01\n\x13\x41uthorizationPolicy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04toml\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x05 \x01(\t\x12\x16\n\x0eupdate_request\x18\x06 \x01(\t2s\n\rPolicyService\x12\x62\n\x16GetAuthorizationPolicy\x12(.kmsapi.v1.GetAuthorizationPolicyRequest\x1a\x1e.kmsapi.v1.AuthorizationPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kmsapi/v1/policy.proto\x12\tkmsapi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x1dGetAuthorizationPolicyRequest\x12\x14\n\x0c\x64raft_sha256\x18\x01 \x01(\x0c\"\xb0\x01\n\x13\x41uthorizationPolicy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04toml\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x05 \x01(\t\x12\x16\n\x0eupdate_request\x18\x06 \x01(\t\x12\r\n\x05\x64raft\x18\x07 \x01(\x08\x32s\n\rPolicyService\x12\x62\n\x16GetAuthorizationPolicy\x12(.kmsapi.v1.GetAuthorizationPolicyRequest\x1a\x1e.kmsapi.v1.AuthorizationPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kmsapi.v1.policy_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETAUTHORIZATIONPOLICYREQUEST']._serialized_start=70
-  _globals['_GETAUTHORIZATIONPOLICYREQUEST']._serialized_end=101
-  _globals['_AUTHORIZATIONPOLICY']._serialized_start=104
-  _globals['_AUTHORIZATIONPOLICY']._serialized_end=265
-  _globals['_POLICYSERVICE']._serialized_start=267
-  _globals['_POLICYSERVICE']._serialized_end=382
+  _globals['_GETAUTHORIZATIONPOLICYREQUEST']._serialized_end=123
+  _globals['_AUTHORIZATIONPOLICY']._serialized_start=126
+  _globals['_AUTHORIZATIONPOLICY']._serialized_end=302
+  _globals['_POLICYSERVICE']._serialized_start=304
+  _globals['_POLICYSERVICE']._serialized_end=419
 # @@protoc_insertion_point(module_scope)

@@ -25,12 +25,20 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class GetAuthorizationPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    DRAFT_SHA256_FIELD_NUMBER: _builtins.int
+    draft_sha256: _builtins.bytes
+    """Empty: the policy in force. Set: the text proposed under that SHA-256 (the `policy_sha256` parameter of a
+    RequestPolicyChange approval request), so approvers read exactly what they approve; NOT_FOUND if no such
+    proposal exists. The response then has `draft` set and no version, time or officer.
+    """
     def __init__(
         self,
+        *,
+        draft_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft_sha256", b"draft_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -46,6 +54,7 @@ class AuthorizationPolicy(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     UPDATE_REQUEST_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """0: the server's [policy] file (or no policy: every identity unscoped)"""
     toml: _builtins.str
@@ -55,6 +64,8 @@ class AuthorizationPolicy(_message.Message):
     updated_by: _builtins.str
     update_request: _builtins.str
     """"approvals/ID" """
+    draft: _builtins.bool
+    """a proposed text (GetAuthorizationPolicyRequest.draft_sha256), not in force"""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -66,10 +77,11 @@ class AuthorizationPolicy(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
         update_request: _builtins.str = ...,
+        draft: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "toml", b"toml", "update_request", b"update_request", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft", b"draft", "sha256", b"sha256", "toml", b"toml", "update_request", b"update_request", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
