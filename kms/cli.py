@@ -4,6 +4,9 @@
     kms serve --config FILE [--ready-file F]     run the gRPC service until SIGTERM/SIGINT
     kms keys create --config FILE ...            generate a key inside the HSM and record it
     kms keys list   --config FILE [--json]
+    kms policy reset --config FILE --reason TEXT [--json]
+                                                 break glass: install the [policy] file (or no policy) as
+                                                 the authorization policy, without dual control
 
 Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 invalid input or configuration, 4 not found,
 5 refused by a rule (already exists, failed precondition), 7 HSM unavailable.
@@ -15,8 +18,10 @@ import argparse
 import json
 import logging
 import os
+import pwd
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -211,6 +216,85 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_operator() -> str:
+    """``local:`` and the OS user running this command, by user id (not from the environment)."""
+    uid = os.getuid()
+    try:
+        return f"local:{pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"local:uid-{uid}"
+
+
+def cmd_policy_reset(args: argparse.Namespace) -> int:
+    """Break glass (docs/authorization.md): the ``[policy]`` file's text, or no policy, becomes the next
+    version of the authorization policy without dual control. It takes what ``kms serve`` takes (the
+    configuration, the database, the HSM for the audit log), so only someone with the server host's access
+    can run it; it is recorded in the version itself, the service log and the audit log."""
+    from kms.domain.audit import AuditEvent
+    from kms.domain.keys import SYSTEM_PRODUCT
+    from kms.server.app import open_components
+    from kms.server.policy_file import read_policy_file
+    from kms.server.policy_servicers import POLICY_TARGET
+    from kms.service.policy import BREAK_GLASS, AuthorizationPolicies
+    from kms.store.policy import SqlitePolicyRepository
+
+    config = load_config(args.config)
+    file_text = read_policy_file(config.policy_file)  # a malformed file stops here, before any write
+    operator = _local_operator()
+    components = open_components(config)
+    try:
+        policies = AuthorizationPolicies(
+            SqlitePolicyRepository(components.database),
+            file_text,
+            officers_needed=config.dual_control.required_approvals + 1,
+        )
+        reset = policies.reset(operator, args.reason)
+        installed = reset.installed
+        assert installed.created_at is not None
+        components.audit_log.append(
+            AuditEvent(
+                time=installed.created_at,
+                caller=installed.created_by,
+                role="local",
+                operation="kms policy reset",
+                outcome="OK",
+                request_id=f"{BREAK_GLASS}-{uuid.uuid4().hex}",
+                product=SYSTEM_PRODUCT,
+                resource=POLICY_TARGET,
+            )
+        )
+    finally:
+        components.close()
+    source = (
+        f"the [policy] file {config.policy_file}"
+        if file_text
+        else "no policy (no [policy] file): every identity acts for every product"
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "version": installed.version,
+                    "sha256": installed.sha256.hex(),
+                    "created_by": installed.created_by,
+                    "approval_id": installed.approval_id,
+                    "policy_file": str(config.policy_file) if file_text else None,
+                    "lockout": reset.lockout,
+                }
+            )
+        )
+    else:
+        print(f"installed authorization policy version {installed.version}: {source}")
+        print(f"sha256 {installed.sha256.hex()}")
+        print(
+            f"recorded as installed by {installed.created_by} ({BREAK_GLASS}) in the policy versions, the "
+            "service log and the audit log; running servers apply it within about a second"
+        )
+    if reset.lockout is not None:
+        print(f"kms: warning: installed anyway, but {reset.lockout}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kms", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -260,6 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--product")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_keys_list)
+
+    policy = commands.add_parser("policy", help="the authorization policy, on this host").add_subparsers(
+        dest="policy", required=True
+    )
+    reset = policy.add_parser(
+        "reset",
+        help="break glass: install the [policy] file (or no policy) as the next version, without dual "
+        "control (docs/authorization.md)",
+    )
+    reset.add_argument("--config", type=Path, required=True)
+    reset.add_argument("--reason", required=True, help="why: recorded in the installed version's text")
+    reset.add_argument("--json", action="store_true")
+    reset.set_defaults(func=cmd_policy_reset)
     return parser
 
 
@@ -273,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.KmsError as e:
         print(f"kms: error: {e}", file=sys.stderr)
         return next((code for cls, code in EXIT_CODES if isinstance(e, cls)), 1)
+    except OSError as e:  # e.g. the listen address is taken (kms.server.app.KmsServer)
+        print(f"kms: error: {e}", file=sys.stderr)
+        return 1
     return code
 
 

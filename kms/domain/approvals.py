@@ -7,7 +7,10 @@ An officer *requests* an act (``ApprovalRequest``): which act (``Action``), on w
 until when it may be approved or executed (``expires_at``, default 24 h after the request). Other officers
 *approve* or *reject* it. The rules, all in the pure functions of this module:
 
-- the requester cannot approve (nor reject) their own request: the second pair of eyes must be another's;
+- the requester cannot approve their own request: the second pair of eyes must be another's; they may
+  withdraw it (a rejection by the requester);
+- while a request for an act on a target is open (PENDING or APPROVED), a second one for the same act and
+  target is refused (``check_no_open_duplicate``): votes are not split, and an act is not executed twice;
 - an officer approves a request once; a second approval by the same identity is refused, not counted;
 - ``required`` (M, default 2) approvals by distinct officers make the request APPROVED;
 - one rejection makes it REJECTED, for good (a new request must be made);
@@ -37,7 +40,7 @@ fails closed. Changing the authorization policy is an act on ``SYSTEM_PRODUCT`` 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -164,13 +167,32 @@ def new_request(
     )
 
 
-def _open_for_votes(request: ApprovalRequest, officer: str, now: datetime) -> None:
+def check_no_open_duplicate(request: ApprovalRequest, others: Iterable[ApprovalRequest]) -> None:
+    """Refuse a new request while another request for the same act on the same target is still open
+    (PENDING or APPROVED at the new request's creation time): two live requests for one act would split the
+    officers' votes and could both be executed. ``FailedPrecondition`` names the open one."""
+    for other in others:
+        if other.id == request.id or (other.action, other.target) != (request.action, request.target):
+            continue
+        state = other.state_at(request.created_at)
+        if state in (ApprovalState.PENDING, ApprovalState.APPROVED):
+            raise FailedPrecondition(
+                f"approval request {other.id} for {request.action.value} on {request.target} is "
+                f"{state.value} already (requested by {other.requester}): approve or execute it, or have it "
+                "rejected or withdrawn, before requesting again"
+            )
+
+
+def _open_for_votes(
+    request: ApprovalRequest, officer: str, now: datetime, *, withdrawal: bool = False
+) -> None:
     state = request.state_at(now)
     if state not in (ApprovalState.PENDING, ApprovalState.APPROVED):
         raise FailedPrecondition(f"approval request {request.id} is {state.value}: it takes no more votes")
-    if officer == request.requester:
+    if officer == request.requester and not withdrawal:
         raise PermissionDenied(
-            f"{officer} requested {request.id} and cannot vote on it: another officer must approve"
+            f"{officer} requested {request.id} and cannot vote on it for approval: another officer must "
+            f"approve (the requester may withdraw it: 'kmsctl approvals reject {request.id} --reason ...')"
         )
     if any(v.officer == officer for v in (*request.approvals, *request.rejections)):
         raise FailedPrecondition(f"{officer} has voted on approval request {request.id} already")
@@ -185,12 +207,13 @@ def approve(request: ApprovalRequest, officer: str, now: datetime) -> ApprovalRe
 
 
 def reject(request: ApprovalRequest, officer: str, reason: str, now: datetime) -> ApprovalRequest:
-    """Reject the request for good (a reason is required, so the audit trail says why)."""
+    """Reject the request for good (a reason is required, so the audit trail says why). The requester may
+    reject their own request too: that is a withdrawal (it can only make the act less likely)."""
     if not reason.strip():
         raise InvalidArgument("a rejection needs a reason")
     if len(reason) > MAX_PARAMETER_LENGTH:
         raise InvalidArgument(f"a rejection reason has at most {MAX_PARAMETER_LENGTH} characters")
-    _open_for_votes(request, officer, now)
+    _open_for_votes(request, officer, now, withdrawal=True)
     return replace(request, rejections=(*request.rejections, Vote(officer, now, reason)))
 
 
@@ -209,7 +232,10 @@ class ApprovalRepository(Protocol):
     transaction: ``change`` applies a pure function of this module to the stored request and writes the
     result only if it is still the one read, so concurrent votes and executions cannot interleave."""
 
-    def add(self, request: ApprovalRequest) -> None: ...
+    def add(self, request: ApprovalRequest) -> None:
+        """Store a new request; in the same transaction refuse it if ``check_no_open_duplicate`` does
+        against the stored requests."""
+        ...
 
     def get(self, request_id: str) -> ApprovalRequest: ...
 

@@ -162,6 +162,9 @@ def _server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", 15 * 60_000),
         ("grpc.max_connection_age_ms", 60 * 60_000),
         ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+        # gRPC sets SO_REUSEPORT by default: a second server on a busy port would start "fine" and the kernel
+        # would split connections between two servers (perhaps with different CAs). Refuse the bind instead.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -175,6 +178,7 @@ class KmsServer:
             SqlitePolicyRepository(components.database),
             read_policy_file(config.policy_file),
             officers_needed=config.dual_control.required_approvals + 1,
+            request_ttl=timedelta(seconds=config.dual_control.ttl_seconds),
         )
         use_policy_source(self.policies.current)
         slot_revocations = SqliteSlotRevocationRepository(components.database)
@@ -271,9 +275,18 @@ class KmsServer:
             root_certificates=config.tls_client_ca.read_bytes(),
             require_client_auth=True,
         )
-        self.port = self.server.add_secure_port(config.listen, credentials)
+        try:
+            self.port = self.server.add_secure_port(config.listen, credentials)
+        except RuntimeError as error:  # grpcio raises rather than returning 0 for some bind failures
+            self.port = 0
+            cause = f" ({error})"
+        else:
+            cause = ""
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            raise OSError(
+                f"cannot listen on {config.listen}{cause}: is another server using the port? "
+                "Change [server] listen in kms.toml"
+            )
 
     def start(self) -> None:
         self.health.start()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from types import MappingProxyType
 
-from kms.domain.approvals import Action, ApprovalRequest, Vote
+from kms.domain.approvals import Action, ApprovalRequest, Vote, check_no_open_duplicate
 from kms.domain.errors import DataLoss, FailedPrecondition, NotFound
 from kms.store.database import Database, Row, Session, timestamp_text
 
@@ -73,6 +73,11 @@ class SqliteApprovalRepository:
 
     def add(self, request: ApprovalRequest) -> None:
         with self._db.transaction() as session:
+            rows = session.rows(
+                "SELECT * FROM approval_requests WHERE action = ? AND target = ? AND executed_at IS NULL",
+                [request.action.value, request.target],
+            )
+            check_no_open_duplicate(request, [_load(session, row) for row in rows])
             session.execute(
                 "INSERT INTO approval_requests (id, action, target, parameters, requester, required, "
                 "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -236,21 +236,21 @@ def test_an_expired_request_is_refused(short_ttl_server: RunningKms) -> None:
         officer_channel(short_ttl_server, "security-officer-bob") as b,
     ):
         alice, bob = approvals_pb2_grpc.ApprovalServiceStub(a), approvals_pb2_grpc.ApprovalServiceStub(b)
-        first = alice.RequestKeyVersionDestruction(
-            approvals_pb2.RequestKeyVersionDestructionRequest(name="keys/ttl-key/versions/1"), timeout=10
-        )
+        ask = approvals_pb2.RequestKeyVersionDestructionRequest(name="keys/ttl-key/versions/1")
+        first = alice.RequestKeyVersionDestruction(ask, timeout=10)
         assert first.required_approvals == 1
-        second = alice.RequestKeyVersionDestruction(
-            approvals_pb2.RequestKeyVersionDestructionRequest(name="keys/ttl-key/versions/1"), timeout=10
-        )
-        approved = bob.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=second.id), timeout=10)
+        code, details = _code(lambda: bob.RequestKeyVersionDestruction(ask))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and f"{first.id} " in details  # one open request
+        approved = bob.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=first.id), timeout=10)
         assert approved.state == approvals_pb2.APPROVAL_STATE_APPROVED
         time.sleep(2.5)
         code, details = _code(lambda: bob.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=first.id)))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "expired" in details
-        code, details = _code(lambda: alice.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=second.id)))
+        code, details = _code(lambda: alice.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=first.id)))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "expired" in details
         listed = bob.ListApprovalRequests(
             approvals_pb2.ListApprovalRequestsRequest(state=approvals_pb2.APPROVAL_STATE_EXPIRED), timeout=10
         )
-        assert {r.id for r in listed.requests} == {first.id, second.id}
+        assert {r.id for r in listed.requests} == {first.id}
+        second = alice.RequestKeyVersionDestruction(ask, timeout=10)  # the expired one no longer blocks
+        assert second.id != first.id and second.state == approvals_pb2.APPROVAL_STATE_PENDING

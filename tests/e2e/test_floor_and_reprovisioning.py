@@ -429,15 +429,18 @@ def short_ttl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
 
 def test_expired_requests_and_windows_admit_nothing(short_ttl_server: RunningKms) -> None:
     server = short_ttl_server
-    device_id = "24:6f:28:0e:01:01"
-    assert _register(server, device_id, os.urandom(32), wrapped=False).status == Outcome.CREATED
+    device_id, other_id = "24:6f:28:0e:01:01", "24:6f:28:0e:01:02"
+    for new in (device_id, other_id):
+        assert _register(server, new, os.urandom(32), wrapped=False).status == Outcome.CREATED
     with (
         officer_channel(server, "security-officer-alice") as a,
         officer_channel(server, "security-officer-bob") as b,
     ):
         alice, bob = approvals_pb2_grpc.ApprovalServiceStub(a), approvals_pb2_grpc.ApprovalServiceStub(b)
         reason = approvals_pb2.RequestDeviceReprovisioningRequest(device_id=device_id, reason="repair")
-        late = alice.RequestDeviceReprovisioning(reason, timeout=10)
+        late = alice.RequestDeviceReprovisioning(
+            approvals_pb2.RequestDeviceReprovisioningRequest(device_id=other_id, reason="repair"), timeout=10
+        )
         prompt = alice.RequestDeviceReprovisioning(reason, timeout=10)
         for request in (late, prompt):
             bob.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=request.id), timeout=10)

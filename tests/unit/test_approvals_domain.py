@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kms.domain import approvals
-from kms.domain.approvals import Action, ApprovalRequest, ApprovalState, DualControlPolicy
+from kms.domain.approvals import Action, ApprovalRequest, ApprovalState, DualControlPolicy, Vote
 from kms.domain.errors import FailedPrecondition, HsmUnavailable, InvalidArgument, NotFound, PermissionDenied
 from kms.domain.identity import Caller, Role
 from kms.service.approvals import DualControl
@@ -36,11 +36,31 @@ def test_a_new_request_is_pending_until_its_ttl() -> None:
     assert dict(request.parameters) == {"delay_seconds": "3600"}
 
 
-def test_the_requester_cannot_approve_or_reject() -> None:
+def test_the_requester_cannot_approve_but_may_withdraw() -> None:
     with pytest.raises(PermissionDenied, match="cannot vote"):
         approvals.approve(_new(), ALICE, T0)
-    with pytest.raises(PermissionDenied, match="cannot vote"):
-        approvals.reject(_new(), ALICE, "oops", T0)
+    withdrawn = approvals.reject(_new(), ALICE, "withdrawn: wrong version", T0)
+    assert withdrawn.state_at(T0) is ApprovalState.REJECTED
+    assert withdrawn.rejections[0].officer == ALICE
+    with pytest.raises(FailedPrecondition, match="rejected"):
+        approvals.approve(withdrawn, BOB, T0)
+
+
+def test_a_second_open_request_for_the_same_act_and_target_is_refused() -> None:
+    first = _new()
+    again = replace(first, id="r2", requester=BOB)
+    with pytest.raises(FailedPrecondition, match=f"request {first.id} .* is pending already"):
+        approvals.check_no_open_duplicate(again, [first])
+    approved = replace(first, approvals=(Vote(BOB, T0), Vote(CAROL, T0)))
+    with pytest.raises(FailedPrecondition, match="is approved already"):
+        approvals.check_no_open_duplicate(again, [approved])
+    # closed requests, other targets and other acts do not count
+    rejected = approvals.reject(first, BOB, "no", T0)
+    executed = replace(approved, executed_at=T0, executed_by=BOB)
+    expired = replace(first, expires_at=T0)
+    other_target = replace(first, target="keys/other/versions/1")
+    other_act = replace(first, action=Action.REVOKE_SBV2_SLOT)
+    approvals.check_no_open_duplicate(again, [rejected, executed, expired, other_target, other_act])
 
 
 def test_one_approval_per_officer() -> None:
@@ -131,6 +151,7 @@ class MemoryApprovals:
         self.requests: dict[str, ApprovalRequest] = {}
 
     def add(self, request: ApprovalRequest) -> None:
+        approvals.check_no_open_duplicate(request, self.requests.values())
         self.requests[request.id] = request
 
     def get(self, request_id: str) -> ApprovalRequest:

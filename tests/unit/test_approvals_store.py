@@ -126,3 +126,48 @@ def test_list_by_state_follows_the_clock(db: Database) -> None:
     assert [r.id for r in dual.list(ApprovalState.EXPIRED)] == [first.id]
     with pytest.raises(FailedPrecondition, match="expired"):
         dual.execute(BOB, first.id, lambda r: None)
+
+
+def test_one_open_request_per_act_and_target_even_when_racing(db: Database) -> None:
+    """Eight officers request the same act on the same target at once on their own connections: the check
+    and the insert share one write transaction, so exactly one request is stored."""
+    import threading
+
+    clock = Clock()
+    officers = [Caller(f"spiffe://kms.dev/security-officer/o{i}", Role.SECURITY_OFFICER) for i in range(8)]
+    barrier = threading.Barrier(len(officers))
+    made: list[str] = []
+    refused: list[str] = []
+
+    def ask(officer: Caller) -> None:
+        with Database.open(db.path) as own:
+            dual = DualControl(SqliteApprovalRepository(own), clock)
+            barrier.wait()
+            try:
+                made.append(dual.request(officer, Action.DESTROY_KEY_VERSION, TARGET, {}).id)
+            except FailedPrecondition as refusal:
+                refused.append(str(refusal))
+
+    threads = [threading.Thread(target=ask, args=(o,)) for o in officers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(refused) == 7
+    assert all(f"approval request {made[0]} " in r and "pending already" in r for r in refused)
+    dual = DualControl(SqliteApprovalRepository(db), clock)
+    dual.reject(
+        officers[0] if dual.get(made[0]).requester != officers[0].identity else officers[1], made[0], "no"
+    )
+    again = dual.request(ALICE, Action.DESTROY_KEY_VERSION, TARGET, {})  # the first one is closed now
+    assert again.id != made[0]
+    assert dual.request(ALICE, Action.DESTROY_KEY_VERSION, "keys/k/versions/2", {}).id  # another target
+
+
+def test_the_requester_withdraws_their_request(db: Database) -> None:
+    dual = DualControl(SqliteApprovalRepository(db), Clock())
+    made = dual.request(ALICE, Action.DESTROY_KEY_VERSION, TARGET, {})
+    dual.reject(ALICE, made.id, "withdrawn: wrong version")
+    assert dual.get(made.id).state_at(T0) is ApprovalState.REJECTED
+    with pytest.raises(FailedPrecondition, match="rejected"):
+        dual.approve(BOB, made.id)
