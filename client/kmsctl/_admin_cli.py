@@ -347,7 +347,8 @@ def add_key_admin_commands(subparsers: Any, common_parents: list[argparse.Argume
 
     schedule = add(
         "schedule-destroy",
-        "Schedule a key version's destruction; it stops being used at once and is destroyed after the delay.",
+        "Schedule a key version's destruction directly: only on a server without dual control (the default "
+        "server refuses it; use 'kmsctl approvals request-destroy').",
         _schedule_destroy,
     )
     version_argument(schedule)

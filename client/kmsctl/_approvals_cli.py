@@ -1,6 +1,6 @@
 """``kmsctl approvals``: dual control of acts that destroy or weaken (security officers).
 
-    kmsctl approvals request-destroy VERSION [--delay SECONDS]
+    kmsctl approvals request-destroy VERSION [--delay DURATION]
     kmsctl approvals list [--state pending|approved|rejected|expired|executed]
     kmsctl approvals approve ID
     kmsctl approvals reject ID --reason TEXT
@@ -13,36 +13,28 @@ devices reprovision``) or a policy change (``kmsctl policy propose``). The serve
 *other* officers approve it, each with their own certificate (``--identity`` and the connection options
 choose it); then any officer executes it. A request expires after the server's ``[dual_control]
 ttl_seconds``. VERSION is ``keys/ID/versions/N`` or ``ID/versions/N``. ``--json`` prints the request (and,
-for ``execute``, the act's result) as JSON.
+for ``execute``, the act's result) as JSON. For a policy change, the lines for people add the command that
+prints the proposed text (``kmsctl policy show --draft SHA256HEX``).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import grpc
+from kmsctl import _officer_cli
+from kmsctl._officer_cli import iso_time
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from kmsapi.v1 import approvals_pb2
     from kmsctl._client import KmsClient
     from kmsctl.cli import Outcome
 
 # kmsctl.cli imports this module; what this module needs of it is imported inside the functions.
 
-SECURITY_OFFICER = "security-officer"
 STATES = ("pending", "approved", "rejected", "expired", "executed")
-
-Command = Callable[[argparse.Namespace, "KmsClient"], "Outcome"]
-
-
-def _time(message: Any, field: str) -> str | None:
-    if not message.HasField(field):
-        return None
-    moment: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
-    return moment.isoformat()
 
 
 def request_json(message: approvals_pb2.ApprovalRequest) -> dict[str, Any]:
@@ -51,7 +43,7 @@ def request_json(message: approvals_pb2.ApprovalRequest) -> dict[str, Any]:
 
     def votes(items: Any) -> list[dict[str, Any]]:
         return [
-            {"officer": v.officer, "time": _time(v, "time"), **({"reason": v.reason} if v.reason else {})}
+            {"officer": v.officer, "time": iso_time(v, "time"), **({"reason": v.reason} if v.reason else {})}
             for v in items
         ]
 
@@ -63,46 +55,30 @@ def request_json(message: approvals_pb2.ApprovalRequest) -> dict[str, Any]:
         "target": message.target,
         "parameters": dict(message.parameters),
         "requester": message.requester,
-        "create_time": _time(message, "create_time"),
-        "expire_time": _time(message, "expire_time"),
+        "create_time": iso_time(message, "create_time"),
+        "expire_time": iso_time(message, "expire_time"),
         "required_approvals": message.required_approvals,
         "approvals": votes(message.approvals),
         "rejections": votes(message.rejections),
         "state": state.lower(),
-        "execute_time": _time(message, "execute_time"),
+        "execute_time": iso_time(message, "execute_time"),
         "executed_by": message.executed_by or None,
     }
 
 
 class ApprovalClient:
-    """The ApprovalService calls, over a ``KmsClient``'s connection (``ApprovalClient.of(client)``).
+    """The ApprovalService calls, over a ``KmsClient``'s connection (``ApprovalClient(client)``).
     None is retried: votes and executions are not meant to be repeated blindly (list first)."""
 
-    def __init__(self, channel: grpc.Channel, timeout: float) -> None:
+    def __init__(self, client: KmsClient) -> None:
+        self._client = client
+
+    def _call(self, method: str, request: Message, reply: type[_officer_cli.Reply]) -> _officer_cli.Reply:
         from kmsapi.v1 import approvals_pb2
-        from kmsctl import _wire
 
-        self._timeout = timeout
-        self._channel = channel
-        self._descriptor = approvals_pb2.DESCRIPTOR
-        self._path = _wire.method_path
-
-    @classmethod
-    def of(cls, client: KmsClient) -> ApprovalClient:
-        return cls(client._channel, client._timeout)
-
-    def _call(self, method: str, request: Any, response_type: Any) -> Any:
-        from kmsctl import _wire
-
-        rpc = self._channel.unary_unary(
-            self._path(self._descriptor, "ApprovalService", method),
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=response_type.FromString,
+        return _officer_cli.call(
+            self._client, approvals_pb2.DESCRIPTOR, "ApprovalService", method, request, reply
         )
-        try:
-            return rpc(request, timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise _wire.translate(error) from error
 
     def request_destroy(
         self, version: str, delay_seconds: int | None = None
@@ -112,16 +88,13 @@ class ApprovalClient:
         request = approvals_pb2.RequestKeyVersionDestructionRequest(name=version)
         if delay_seconds is not None:
             request.delay_seconds = delay_seconds
-        result: approvals_pb2.ApprovalRequest = self._call(
-            "RequestKeyVersionDestruction", request, approvals_pb2.ApprovalRequest
-        )
-        return result
+        return _officer_cli.request_approval(self._client, "RequestKeyVersionDestruction", request)
 
     def list(self, state: str | None = None) -> list[approvals_pb2.ApprovalRequest]:
         from kmsapi.v1 import approvals_pb2
 
         number = approvals_pb2.ApprovalState.Value(f"APPROVAL_STATE_{state.upper()}") if state else 0
-        response: approvals_pb2.ListApprovalRequestsResponse = self._call(
+        response = self._call(
             "ListApprovalRequests",
             approvals_pb2.ListApprovalRequestsRequest(state=number),  # type: ignore[arg-type]
             approvals_pb2.ListApprovalRequestsResponse,
@@ -131,81 +104,76 @@ class ApprovalClient:
     def approve(self, request_id: str) -> approvals_pb2.ApprovalRequest:
         from kmsapi.v1 import approvals_pb2
 
-        result: approvals_pb2.ApprovalRequest = self._call(
+        return self._call(
             "ApproveRequest",
             approvals_pb2.ApproveRequestRequest(id=request_id),
             approvals_pb2.ApprovalRequest,
         )
-        return result
 
     def reject(self, request_id: str, reason: str) -> approvals_pb2.ApprovalRequest:
         from kmsapi.v1 import approvals_pb2
 
-        result: approvals_pb2.ApprovalRequest = self._call(
+        return self._call(
             "RejectRequest",
             approvals_pb2.RejectRequestRequest(id=request_id, reason=reason),
             approvals_pb2.ApprovalRequest,
         )
-        return result
 
     def execute(self, request_id: str) -> approvals_pb2.ExecuteRequestResponse:
         from kmsapi.v1 import approvals_pb2
 
-        result: approvals_pb2.ExecuteRequestResponse = self._call(
+        return self._call(
             "ExecuteRequest",
             approvals_pb2.ExecuteRequestRequest(id=request_id),
             approvals_pb2.ExecuteRequestResponse,
         )
-        return result
 
 
 def add_approval_commands(commands: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``approvals request-destroy|list|approve|reject|execute`` to the top-level ``commands``
     subparsers; ``common_parents`` are the connection and output option parsers every command shares."""
-    from kmsctl.cli import _EXIT_CODES_HELP
-
-    approvals = commands.add_parser(
+    approvals = _officer_cli.CommandGroup(
+        commands,
+        common_parents,
         "approvals",
-        help="Dual control: request, approve, reject and execute destructive acts (officers).",
-        description="Dual control: acts that destroy need the approval of other security officers.",
+        "Dual control: request, approve, reject and execute destructive acts (officers).",
+        "Dual control: acts that destroy need the approval of other security officers.",
     )
-    sub_commands = approvals.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    def add(name: str, summary: str, command: Command) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = sub_commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            parents=common_parents,
-            epilog=f"default --identity: {SECURITY_OFFICER}\n\n{_EXIT_CODES_HELP}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        sub.set_defaults(command=command, local_command=None, default_identity=SECURITY_OFFICER)
-        return sub
-
-    destroy = add("request-destroy", "Request the destruction of a key version.", _request_destroy)
+    destroy = approvals.add("request-destroy", "Request the destruction of a key version.", _request_destroy)
     destroy.add_argument("name", metavar="VERSION", help="keys/ID/versions/N or ID/versions/N")
     destroy.add_argument(
-        "--delay", type=int, metavar="SECONDS", help="destruction delay once executed (default 24 h)"
+        "--delay",
+        type=_delay_seconds,
+        metavar="DURATION",
+        help="destruction delay once executed: seconds or 90m, 24h, 30d; 1h to 120d (default 24h)",
     )
-    listing = add("list", "List approval requests, oldest first.", _list)
+    listing = approvals.add("list", "List approval requests, oldest first.", _list)
     listing.add_argument("--state", choices=STATES, help="only requests in this state")
-    approve = add("approve", "Approve another officer's request.", _approve)
+    approve = approvals.add("approve", "Approve another officer's request.", _approve)
     approve.add_argument("id", metavar="ID")
-    reject = add("reject", "Reject a request for good.", _reject)
+    reject = approvals.add("reject", "Reject a request for good.", _reject)
     reject.add_argument("id", metavar="ID")
     reject.add_argument("--reason", required=True, help="why (recorded with the vote)")
-    execute = add("execute", "Execute an approved request.", _execute)
+    execute = approvals.add("execute", "Execute an approved request.", _execute)
     execute.add_argument("id", metavar="ID")
 
 
 def _summary(message: approvals_pb2.ApprovalRequest) -> str:
+    """A request for people, in one line; for a policy change a second one names the command that prints the
+    proposed policy, which approvers read before they vote."""
+    from kmsapi.v1 import approvals_pb2
+    from kmsctl._policy_cli import POLICY_SHA256_PARAMETER, draft_command
+
     data = request_json(message)
-    return (
+    line = (
         f"{data['id']} {data['state']}: {data['action']} {data['target']} by {data['requester']} "
         f"({len(data['approvals'])} of {data['required_approvals']} approvals, expires {data['expire_time']})"
     )
+    proposed = message.parameters.get(POLICY_SHA256_PARAMETER)
+    if message.action == approvals_pb2.APPROVAL_ACTION_CHANGE_AUTHORIZATION_POLICY and proposed:
+        line += f"\n  proposed policy: {draft_command(proposed)}"
+    return line
 
 
 def _one(message: approvals_pb2.ApprovalRequest) -> Outcome:
@@ -214,15 +182,23 @@ def _one(message: approvals_pb2.ApprovalRequest) -> Outcome:
     return Outcome(request_json(message), _summary(message))
 
 
+def _delay_seconds(text: str) -> int:
+    from kmsctl._admin_cli import _duration
+
+    return int(_duration(text).total_seconds())
+
+
 def _request_destroy(args: argparse.Namespace, client: KmsClient) -> Outcome:
+    from kmsctl._officer_cli import requested
+
     name = args.name if args.name.startswith("keys/") else f"keys/{args.name}"
-    return _one(ApprovalClient.of(client).request_destroy(name, args.delay))
+    return requested(ApprovalClient(client).request_destroy(name, args.delay), f"the destruction of {name}")
 
 
 def _list(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl.cli import Outcome
 
-    requests = ApprovalClient.of(client).list(args.state)
+    requests = ApprovalClient(client).list(args.state)
     return Outcome(
         {"requests": [request_json(r) for r in requests]},
         "\n".join(_summary(r) for r in requests) or "no approval requests",
@@ -230,17 +206,17 @@ def _list(args: argparse.Namespace, client: KmsClient) -> Outcome:
 
 
 def _approve(args: argparse.Namespace, client: KmsClient) -> Outcome:
-    return _one(ApprovalClient.of(client).approve(args.id))
+    return _one(ApprovalClient(client).approve(args.id))
 
 
 def _reject(args: argparse.Namespace, client: KmsClient) -> Outcome:
-    return _one(ApprovalClient.of(client).reject(args.id, args.reason))
+    return _one(ApprovalClient(client).reject(args.id, args.reason))
 
 
 def _execute(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl.cli import Outcome
 
-    response = ApprovalClient.of(client).execute(args.id)
+    response = ApprovalClient(client).execute(args.id)
     if response.HasField("slot"):  # a Secure Boot V2 slot revocation
         from kmsctl._slots_cli import executed_revocation
 
@@ -257,7 +233,7 @@ def _execute(args: argparse.Namespace, client: KmsClient) -> Outcome:
         from kmsctl._policy_cli import executed_policy_change
 
         return executed_policy_change(response)
-    scheduled = {s.key_version: _time(s, "destroy_time") for s in response.key.scheduled_destructions}
+    scheduled = {s.key_version: iso_time(s, "destroy_time") for s in response.key.scheduled_destructions}
     data = {"request": request_json(response.request), "scheduled_destructions": scheduled}
     target = response.request.target
     when = scheduled.get(target)

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
 from kmsctl import _wire
@@ -74,6 +75,8 @@ _DIGEST_SIZES: dict[str, int] = {"sha256": 32, "sha384": 48}
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _T = TypeVar("_T")
+_Message = TypeVar("_Message", bound=Message)
+_Reply = TypeVar("_Reply", bound=Message)
 
 
 class KmsClient:
@@ -533,6 +536,30 @@ class KmsClient:
             part.close()  # kept for a resumed call, unless empty
             raise
         return dataclasses.replace(result, path=part.output)
+
+    # -- any other unary RPC ---------------------------------------------------------------------------
+
+    def call_unary(
+        self, method: str, request: _Message, reply: type[_Reply], *, retry: bool = False
+    ) -> _Reply:
+        """Call the unary RPC at ``method`` (its path, ``/kmsapi.v1.Service/Method``: ``_wire.method_path``)
+        over this connection, with this client's deadline, and return its ``reply``; a gRPC error becomes
+        its ``KmsClientError``. The officer commands (``kmsctl._officer_cli``) reach the RPCs this class has
+        no method for through it.
+
+        Called once unless ``retry``: a repeated request for approval would make a second request, a
+        repeated KEK rotation would rotate again. ``retry=True`` is for reads, retried on UNAVAILABLE like
+        every read of this class.
+        """
+        rpc: grpc.UnaryUnaryMultiCallable[_Message, _Reply] = self._channel.unary_unary(
+            method, request_serializer=type(request).SerializeToString, response_deserializer=reply.FromString
+        )
+        if retry:
+            return self._unary(rpc, request)
+        try:
+            return rpc(request, timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise _wire.translate(error) from error
 
     def _unary(self, rpc: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
         def attempt() -> _Response:

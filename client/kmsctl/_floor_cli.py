@@ -14,10 +14,9 @@ refused if the floor moved after the request (a release signed meanwhile): reque
 from __future__ import annotations
 
 import argparse
-from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
-from kmsctl import _gated_cli
+from kmsctl import _officer_cli
 
 if TYPE_CHECKING:
     from kmsapi.v1 import approvals_pb2, rollback_pb2
@@ -29,13 +28,10 @@ _MAX_SECURE_VERSION = 2**32 - 1  # esp_app_desc_t.secure_version is a uint32_t
 
 def floor_json(message: rollback_pb2.RollbackFloor) -> dict[str, Any]:
     """A floor as ``--json`` prints it (``secure_version`` null before the product's first release)."""
-    updated = (
-        message.update_time.ToDatetime(tzinfo=UTC).isoformat() if message.HasField("update_time") else None
-    )
     return {
         "product": message.product,
         "secure_version": message.secure_version if message.HasField("secure_version") else None,
-        "update_time": updated,
+        "update_time": _officer_cli.iso_time(message, "update_time"),
         "updated_by": message.updated_by or None,
         "update_request": message.update_request or None,
     }
@@ -55,22 +51,20 @@ def executed_lowering(response: approvals_pb2.ExecuteRequestResponse) -> Outcome
 
 def add_floor_commands(commands: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``floor show|lower`` to the top-level ``commands`` subparsers."""
-    floor = commands.add_parser(
-        "floor",
-        help="Show or lower a product's anti-rollback floor (officers).",
-        description="A product's anti-rollback floor: the lowest secure_version the service still signs.",
-    )
-    sub = floor.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    show = _gated_cli.add_command(sub, common_parents, "show", "Show a product's anti-rollback floor.", _show)
-    show.add_argument("--product", required=True, help="the product")
-    lower = _gated_cli.add_command(
-        sub,
+    floor = _officer_cli.CommandGroup(
+        commands,
         common_parents,
+        "floor",
+        "Show or lower a product's anti-rollback floor (officers).",
+        "A product's anti-rollback floor: the lowest secure_version the service still signs.",
+        product_help="the product",
+    )
+    floor.add("show", "Show a product's anti-rollback floor.", _show)
+    lower = floor.add(
         "lower",
         "Request lowering a product's anti-rollback floor (dual control: other officers approve).",
         _lower,
     )
-    lower.add_argument("--product", required=True, help="the product")
     lower.add_argument(
         "--to", required=True, type=_secure_version, metavar="N", help="the new floor, below the current one"
     )
@@ -90,7 +84,7 @@ def _show(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsapi.v1 import rollback_pb2
     from kmsctl.cli import Outcome, _rows
 
-    message: rollback_pb2.RollbackFloor = _gated_cli.call(
+    message = _officer_cli.call(
         client,
         rollback_pb2.DESCRIPTOR,
         "RollbackFloorService",
@@ -116,15 +110,9 @@ def _show(args: argparse.Namespace, client: KmsClient) -> Outcome:
 def _lower(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsapi.v1 import approvals_pb2
 
-    message: approvals_pb2.ApprovalRequest = _gated_cli.call(
-        client,
-        approvals_pb2.DESCRIPTOR,
-        "ApprovalService",
-        "RequestFloorLowering",
-        approvals_pb2.RequestFloorLoweringRequest(product=args.product, secure_version=args.to),
-        approvals_pb2.ApprovalRequest,
-    )
+    request = approvals_pb2.RequestFloorLoweringRequest(product=args.product, secure_version=args.to)
+    message = _officer_cli.request_approval(client, "RequestFloorLowering", request)
     current = message.parameters.get("current_floor", "?")
-    return _gated_cli.requested(
+    return _officer_cli.requested(
         message, f"lowering the anti-rollback floor of {args.product} from {current} to {args.to}"
     )

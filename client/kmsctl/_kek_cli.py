@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import grpc
+from kmsctl import _officer_cli
 
 if TYPE_CHECKING:
     from kmsapi.v1 import kek_pb2
@@ -30,10 +29,7 @@ if TYPE_CHECKING:
 
 # kmsctl.cli imports this module; what this module needs of it is imported inside the functions.
 
-SECURITY_OFFICER = "security-officer"
 _BAR_WIDTH = 30
-
-Command = Callable[[argparse.Namespace, "KmsClient"], "Outcome"]
 
 
 @dataclass(frozen=True)
@@ -69,20 +65,14 @@ class KekRotationInfo:
 
 
 def _info(message: kek_pb2.KekRotation) -> KekRotationInfo:
-    def moment(field: str) -> datetime | None:
-        if not message.HasField(field):  # type: ignore[arg-type]
-            return None
-        value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
-        return value
-
     return KekRotationInfo(
         product=message.product,
         kek=message.kek,
         from_version=message.from_version,
         to_version=message.to_version,
         started_by=message.started_by,
-        start_time=moment("start_time"),
-        finish_time=moment("finish_time"),
+        start_time=_officer_cli.moment(message, "start_time"),
+        finish_time=_officer_cli.moment(message, "finish_time"),
         finished=message.finished,
         rewrapped=message.rewrapped,
         remaining=message.remaining,
@@ -91,78 +81,53 @@ def _info(message: kek_pb2.KekRotation) -> KekRotationInfo:
 
 
 class KekClient:
-    """The KEK rotation calls, over a ``KmsClient``'s connection (``KekClient.of(client)``)."""
+    """The KEK rotation calls, over a ``KmsClient``'s connection (``KekClient(client)``)."""
 
-    def __init__(self, channel: grpc.Channel, timeout: float) -> None:
-        from kmsapi.v1 import kek_pb2
-        from kmsctl import _wire
-
-        self._timeout = timeout
-        path = _wire.method_path
-        self._start = channel.unary_unary(
-            path(kek_pb2.DESCRIPTOR, "KekRotationService", "StartKekRotation"),
-            request_serializer=kek_pb2.StartKekRotationRequest.SerializeToString,
-            response_deserializer=kek_pb2.KekRotation.FromString,
-        )
-        self._get = channel.unary_unary(
-            path(kek_pb2.DESCRIPTOR, "KekRotationService", "GetKekRotation"),
-            request_serializer=kek_pb2.GetKekRotationRequest.SerializeToString,
-            response_deserializer=kek_pb2.KekRotation.FromString,
-        )
-
-    @classmethod
-    def of(cls, client: KmsClient) -> KekClient:
-        return cls(client._channel, client._timeout)
+    def __init__(self, client: KmsClient) -> None:
+        self._client = client
 
     def start(self, product: str) -> KekRotationInfo:
         """Rotate the product's KEK; not retried (a repeat would rotate again)."""
         from kmsapi.v1 import kek_pb2
-        from kmsctl import _wire
 
-        try:
-            response = self._start(kek_pb2.StartKekRotationRequest(product=product), timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise _wire.translate(error) from error
-        return _info(response)
+        return _info(
+            _officer_cli.call(
+                self._client,
+                kek_pb2.DESCRIPTOR,
+                "KekRotationService",
+                "StartKekRotation",
+                kek_pb2.StartKekRotationRequest(product=product),
+                kek_pb2.KekRotation,
+            )
+        )
 
     def get(self, product: str) -> KekRotationInfo:
         from kmsapi.v1 import kek_pb2
-        from kmsctl import _wire
 
-        try:
-            response = self._get(kek_pb2.GetKekRotationRequest(product=product), timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise _wire.translate(error) from error
-        return _info(response)
+        return _info(
+            _officer_cli.call(
+                self._client,
+                kek_pb2.DESCRIPTOR,
+                "KekRotationService",
+                "GetKekRotation",
+                kek_pb2.GetKekRotationRequest(product=product),
+                kek_pb2.KekRotation,
+            )
+        )
 
 
 def add_kek_commands(commands: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``kek rotate|status`` to the top-level ``commands`` subparsers; ``common_parents`` are the
     connection and output option parsers every command shares."""
-    from kmsctl.cli import _EXIT_CODES_HELP
-
-    kek = commands.add_parser(
+    kek = _officer_cli.CommandGroup(
+        commands,
+        common_parents,
         "kek",
-        help="Rotate a product's key-encryption key and follow the rewrap (officers).",
-        description="Rotate a product's key-encryption key and follow the rewrap of its device secrets.",
+        "Rotate a product's key-encryption key and follow the rewrap (officers).",
+        "Rotate a product's key-encryption key and follow the rewrap of its device secrets.",
+        product_help="the product whose KEK it is",
     )
-    kek_commands = kek.add_subparsers(title="commands", metavar="COMMAND", required=True)
-
-    def add(name: str, summary: str, command: Command) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = kek_commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            parents=common_parents,
-            epilog=f"default --identity: {SECURITY_OFFICER}\n\n{_EXIT_CODES_HELP}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        sub.set_defaults(command=command, local_command=None, default_identity=SECURITY_OFFICER)
-        sub.add_argument("--product", required=True, help="the product whose KEK it is")
-        return sub
-
-    rotate = add(
+    rotate = kek.add(
         "rotate",
         "Rotate the product's KEK; the server rewraps every device secret in the background.",
         _rotate,
@@ -171,11 +136,11 @@ def add_kek_commands(commands: Any, common_parents: list[argparse.ArgumentParser
     rotate.add_argument(
         "--interval", type=float, default=0.5, metavar="SECONDS", help="--wait poll interval (default 0.5)"
     )
-    add("status", "Show the product's latest KEK rotation.", _status)
+    kek.add("status", "Show the product's latest KEK rotation.", _status)
 
 
 def _rotate(args: argparse.Namespace, client: KmsClient) -> Outcome:
-    kek = KekClient.of(client)
+    kek = KekClient(client)
     info = kek.start(args.product)
     if args.wait:
         show = not (args.json or args.quiet)
@@ -191,7 +156,7 @@ def _rotate(args: argparse.Namespace, client: KmsClient) -> Outcome:
 
 
 def _status(args: argparse.Namespace, client: KmsClient) -> Outcome:
-    info = KekClient.of(client).get(args.product)
+    info = KekClient(client).get(args.product)
     return _outcome(info, f"{info.kek}: rotation to {info.to_version}")
 
 

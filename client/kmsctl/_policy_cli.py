@@ -1,6 +1,7 @@
-"""``kmsctl policy``: the authorization policy in force, and proposing a change (security officers).
+"""``kmsctl policy``: the authorization policy in force, a proposed one, and proposing a change (security
+officers).
 
-    kmsctl policy show [--json]
+    kmsctl policy show [--draft SHA256HEX] [--json]
     kmsctl policy propose FILE
 
 ``show`` prints the policy in force (``PolicyService.GetAuthorizationPolicy``; auditors may call it too,
@@ -11,21 +12,21 @@ to edit and propose. Version 0 is the server's ``[policy]`` file (empty without 
 ``propose`` asks for the policy in FILE to replace it (``ApprovalService.RequestPolicyChange``). The server
 checks the text at once (TOML in the policy file format, at most 64 KiB, no officer lock-out) and creates an
 approval request; other officers approve it and one executes it with ``kmsctl approvals``. The request
-carries the text's SHA-256 (``policy_sha256``), not the text: approvers compare it with the SHA-256 of the
-file they were sent (``sha256sum FILE``) before approving. Only officers who act for every product may
-propose, approve or execute a policy change.
+carries the text's SHA-256 (its ``policy_sha256`` parameter), not the text. ``show --draft SHA256HEX`` prints
+the text proposed under that SHA-256, as the server will install it, so approvers read exactly what they
+approve; the SHA-256 of the text received is checked here (exit 8 if it differs), and ``--json`` marks it
+``"draft": true``. Only officers who act for every product may propose, approve or execute a policy change.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Callable
-from datetime import UTC
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
+from kmsctl import _officer_cli
 
 if TYPE_CHECKING:
     from kmsapi.v1 import approvals_pb2, policy_pb2
@@ -34,103 +35,96 @@ if TYPE_CHECKING:
 
 # kmsctl.cli imports this module; what this module needs of it is imported inside the functions.
 
-SECURITY_OFFICER = "security-officer"
-
-Command = Callable[[argparse.Namespace, "KmsClient"], "Outcome"]
+#: The parameter of a policy change request that holds the proposed text's SHA-256, in hex
+#: (``kms.server.policy_servicers.SHA256_PARAMETER``).
+POLICY_SHA256_PARAMETER = "policy_sha256"
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def policy_json(message: policy_pb2.AuthorizationPolicy) -> dict[str, Any]:
     """The policy in force as ``--json`` prints it."""
-    update_time = None
-    if message.HasField("update_time"):
-        update_time = message.update_time.ToDatetime(tzinfo=UTC).isoformat()
     return {
         "version": message.version,
         "toml": message.toml,
         "sha256": message.sha256.hex(),
-        "update_time": update_time,
+        "update_time": _officer_cli.iso_time(message, "update_time"),
         "updated_by": message.updated_by or None,
         "update_request": message.update_request or None,
     }
 
 
+def draft_command(sha256_hex: str) -> str:
+    """The command that prints the policy proposed under ``sha256_hex`` (a request's ``policy_sha256``)."""
+    return f"kmsctl policy show --draft {sha256_hex}"
+
+
 class PolicyClient:
-    """The policy calls, over a ``KmsClient``'s connection (``PolicyClient.of(client)``). A proposal is not
+    """The policy calls, over a ``KmsClient``'s connection (``PolicyClient(client)``). A proposal is not
     retried: a repeat would make a second approval request."""
 
-    def __init__(self, channel: grpc.Channel, timeout: float) -> None:
-        self._channel = channel
-        self._timeout = timeout
+    def __init__(self, client: KmsClient) -> None:
+        self._client = client
 
-    @classmethod
-    def of(cls, client: KmsClient) -> PolicyClient:
-        return cls(client._channel, client._timeout)
+    def _get(self, request: policy_pb2.GetAuthorizationPolicyRequest) -> policy_pb2.AuthorizationPolicy:
+        from kmsapi.v1 import policy_pb2
 
-    def _call(self, descriptor: Any, service: str, method: str, request: Any, response_type: Any) -> Any:
-        from kmsctl import _wire
-
-        rpc = self._channel.unary_unary(
-            _wire.method_path(descriptor, service, method),
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=response_type.FromString,
+        return _officer_cli.call(
+            self._client,
+            policy_pb2.DESCRIPTOR,
+            "PolicyService",
+            "GetAuthorizationPolicy",
+            request,
+            policy_pb2.AuthorizationPolicy,
         )
-        try:
-            return rpc(request, timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise _wire.translate(error) from error
 
     def get(self) -> policy_pb2.AuthorizationPolicy:
         from kmsapi.v1 import policy_pb2
 
-        result: policy_pb2.AuthorizationPolicy = self._call(
-            policy_pb2.DESCRIPTOR,
-            "PolicyService",
-            "GetAuthorizationPolicy",
-            policy_pb2.GetAuthorizationPolicyRequest(),
-            policy_pb2.AuthorizationPolicy,
-        )
-        return result
+        return self._get(policy_pb2.GetAuthorizationPolicyRequest())
+
+    def draft(self, sha256: bytes) -> str:
+        """The policy text proposed under ``sha256`` (``NotFoundError`` if none was). ``IntegrityError`` if
+        the text received does not hash to ``sha256``: it is not what the request would install."""
+        from kmsapi.v1 import policy_pb2
+        from kmsctl.errors import IntegrityError, UnimplementedError
+
+        message = self._get(policy_pb2.GetAuthorizationPolicyRequest(draft_sha256=sha256))
+        if not message.draft:  # a server older than the field answers with the policy in force
+            raise UnimplementedError(
+                "the server does not serve proposed policies (it is older than kmsctl)", code="UNIMPLEMENTED"
+            )
+        received = hashlib.sha256(message.toml.encode("utf-8")).digest()
+        if received != sha256:
+            raise IntegrityError(
+                f"the proposed policy received hashes to {received.hex()}, not {sha256.hex()}: it is not the "
+                "text the request names; do not approve on the strength of it"
+            )
+        return message.toml
 
     def propose(self, policy_toml: str) -> approvals_pb2.ApprovalRequest:
         from kmsapi.v1 import approvals_pb2
 
-        result: approvals_pb2.ApprovalRequest = self._call(
-            approvals_pb2.DESCRIPTOR,
-            "ApprovalService",
-            "RequestPolicyChange",
-            approvals_pb2.RequestPolicyChangeRequest(policy_toml=policy_toml),
-            approvals_pb2.ApprovalRequest,
-        )
-        return result
+        request = approvals_pb2.RequestPolicyChangeRequest(policy_toml=policy_toml)
+        return _officer_cli.request_approval(self._client, "RequestPolicyChange", request)
 
 
 def add_policy_commands(commands: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``policy show|propose`` to the top-level ``commands`` subparsers; ``common_parents`` are the
     connection and output option parsers every command shares."""
-    from kmsctl.cli import _EXIT_CODES_HELP
-
-    policy = commands.add_parser(
+    policy = _officer_cli.CommandGroup(
+        commands,
+        common_parents,
         "policy",
-        help="Show the authorization policy, propose a change under dual control (officers).",
-        description="The authorization policy (product scope of each identity) and changes to it.",
+        "Show the authorization policy, propose a change under dual control (officers).",
+        "The authorization policy (product scope of each identity) and changes to it.",
     )
-    sub_commands = policy.add_subparsers(title="commands", metavar="COMMAND", required=True)
-
-    def add(name: str, summary: str, command: Command) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = sub_commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            parents=common_parents,
-            epilog=f"default --identity: {SECURITY_OFFICER}\n\n{_EXIT_CODES_HELP}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        sub.set_defaults(command=command, local_command=None, default_identity=SECURITY_OFFICER)
-        return sub
-
-    add("show", "Print the policy in force (TOML, then its version as comments).", _show)
-    propose = add("propose", "Request that the policy in FILE replace the one in force.", _propose)
+    show = policy.add("show", "Print the policy in force (TOML, then its version as comments).", _show)
+    show.add_argument(
+        "--draft",
+        metavar="SHA256HEX",
+        help="print the policy proposed under this SHA-256 instead (its request's policy_sha256 parameter)",
+    )
+    propose = policy.add("propose", "Request that the policy in FILE replace the one in force.", _propose)
     propose.add_argument("file", metavar="FILE", help="the whole new policy, in the [policy] file format")
 
 
@@ -144,13 +138,37 @@ def _describe(data: dict[str, Any]) -> str:
     )
 
 
+def _text(toml: str) -> str:
+    """``toml`` as printed on stdout: ending with a newline unless empty."""
+    return toml if not toml or toml.endswith("\n") else toml + "\n"
+
+
+def _sha256(text: str) -> bytes:
+    from kmsctl.cli import BadInputError
+
+    if _SHA256_HEX.fullmatch(text) is None:
+        raise BadInputError(
+            f"--draft expects 64 hex digits (the {POLICY_SHA256_PARAMETER} of a policy change request), "
+            f"not {text!r}"
+        )
+    return bytes.fromhex(text)
+
+
 def _show(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl.cli import Outcome
 
-    data = policy_json(PolicyClient.of(client).get())
-    text = data["toml"]
-    payload = text if not text or text.endswith("\n") else text + "\n"
-    return Outcome(data, _describe(data), payload=payload)
+    if args.draft is not None:
+        sha256 = _sha256(args.draft)
+        toml = PolicyClient(client).draft(sha256)
+        data = {"draft": True, "toml": toml, "sha256": sha256.hex()}
+        comment = (
+            "# proposed, not in force: what the policy change request with this SHA-256 installs once "
+            f"executed\n# sha256 {sha256.hex()}"
+        )
+        return Outcome(data, comment, payload=_text(toml))
+    message = PolicyClient(client).get()
+    data = policy_json(message)
+    return Outcome(data, _describe(data), payload=_text(message.toml))
 
 
 def executed_policy_change(response: approvals_pb2.ExecuteRequestResponse) -> Outcome:
@@ -177,12 +195,12 @@ def _propose(args: argparse.Namespace, client: KmsClient) -> Outcome:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise BadInputError(f"{args.file} is not UTF-8 text: {error}") from None
-    created = PolicyClient.of(client).propose(text)
+    created = PolicyClient(client).propose(text)
     digest = hashlib.sha256(raw).hexdigest()
     data = {**request_json(created), "policy_sha256": digest}
     summary = (
         f"approval request {created.id} created by {created.requester}: {created.required_approvals} other "
         f"officer(s) must approve it ('kmsctl approvals approve {created.id}'), then one executes it\n"
-        f"policy SHA-256 {digest}: approvers compare it with the file they were sent (sha256sum FILE)"
+        f"policy SHA-256 {digest}: approvers read the proposed text with '{draft_command(digest)}'"
     )
     return Outcome(data, summary)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from kmsctl import _gated_cli
+from kmsctl import _officer_cli
 
 if TYPE_CHECKING:
     from kmsapi.v1 import approvals_pb2
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def add_reprovision_command(device_commands: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``reprovision`` to the ``devices`` subparsers."""
-    reprovision = _gated_cli.add_command(
+    reprovision = _officer_cli.add_command(
         device_commands,
         common_parents,
         "reprovision",
@@ -57,15 +57,9 @@ def executed_reprovisioning(response: approvals_pb2.ExecuteRequestResponse) -> O
 def _reprovision(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsapi.v1 import approvals_pb2
 
-    message: approvals_pb2.ApprovalRequest = _gated_cli.call(
-        client,
-        approvals_pb2.DESCRIPTOR,
-        "ApprovalService",
-        "RequestDeviceReprovisioning",
-        approvals_pb2.RequestDeviceReprovisioningRequest(device_id=args.device_id, reason=args.reason),
-        approvals_pb2.ApprovalRequest,
-    )
-    outcome = _gated_cli.requested(message, f"re-provisioning of device {args.device_id}")
+    request = approvals_pb2.RequestDeviceReprovisioningRequest(device_id=args.device_id, reason=args.reason)
+    message = _officer_cli.request_approval(client, "RequestDeviceReprovisioning", request)
+    outcome = _officer_cli.requested(message, f"re-provisioning of device {args.device_id}")
     outcome.summary += (
         "\nonce executed, the next registration of the device with a different secret replaces the stored "
         "one (until the request expires)"

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsctl import _officer_cli
 from kmsctl.device.rollover import RolloverRejected, parse_statement, statement_key, verify_statement
 from kmsctl.errors import IntegrityError
 
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 DISTRIBUTION_SERVER = "distribution-server"
 KEY_ID_LEN = 32
-
-Command = Callable[[argparse.Namespace, "KmsClient"], "Outcome"]
 
 
 @dataclass(frozen=True)
@@ -86,11 +84,17 @@ def get_manifest_key_rollover(
     Read-only, so retried on UNAVAILABLE like every read. ``trusted_key_der`` (the trusted key's DER
     SubjectPublicKeyInfo) lets the first signature be checked too.
     """
-    from kmsapi.v1 import keys_pb2, keys_pb2_grpc  # loads gRPC: see cli.main()
+    from kmsapi.v1 import keys_pb2
 
-    stub = keys_pb2_grpc.KeyServiceStub(client._channel)
-    request = keys_pb2.GetManifestKeyRolloverRequest(product=product, trusted_key_id=trusted_key_id)
-    response = client._unary(stub.GetManifestKeyRollover, request)
+    response = _officer_cli.call(
+        client,
+        keys_pb2.DESCRIPTOR,
+        "KeyService",
+        "GetManifestKeyRollover",
+        keys_pb2.GetManifestKeyRolloverRequest(product=product, trusted_key_id=trusted_key_id),
+        keys_pb2.GetManifestKeyRolloverResponse,
+        retry=True,
+    )
     statements = tuple(
         RolloverStatementInfo(
             statement=s.statement,
@@ -98,7 +102,7 @@ def get_manifest_key_rollover(
             to_version=s.to_version,
             from_key_id=s.from_key_id,
             to_key_id=s.to_key_id,
-            create_time=s.create_time.ToDatetime(tzinfo=UTC) if s.HasField("create_time") else None,
+            create_time=_officer_cli.moment(s, "create_time"),
         )
         for s in response.statements
     )
@@ -176,23 +180,18 @@ def _number(version_name: str) -> int:
 def add_rollover_commands(subparsers: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``rollover`` to ``subparsers`` (those of ``kmsctl keys``); ``common_parents`` are the connection
     and output option parsers every command shares."""
-    from kmsctl.cli import _EXIT_CODES_HELP
-
-    summary = "Write the rollover statements that move a device to the product's current manifest key."
-    sub: argparse.ArgumentParser = subparsers.add_parser(
+    sub = _officer_cli.add_command(
+        subparsers,
+        common_parents,
         "rollover",
-        help=summary,
-        description=summary,
-        parents=common_parents,
+        "Write the rollover statements that move a device to the product's current manifest key.",
+        _rollover,
+        identity=DISTRIBUTION_SERVER,
         epilog=(
             "FILE gets the statements concatenated, oldest first (empty: the device trusts the current\n"
             "key already); format: docs/manifest-key-rollover.md\n\n"
-            f"default --identity: {DISTRIBUTION_SERVER}\n\n{_EXIT_CODES_HELP}"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
-    sub.set_defaults(command=_rollover, local_command=None, default_identity=DISTRIBUTION_SERVER)
     sub.add_argument("--product", required=True, help="the product the device belongs to")
     trusted = sub.add_mutually_exclusive_group(required=True)
     trusted.add_argument(
@@ -267,7 +266,8 @@ def _rollover(args: argparse.Namespace, client: KmsClient) -> Outcome:
         title = f"the device trusts {chain.current_version} already: wrote an empty {args.output}"
     else:
         steps = " -> ".join([chain.statements[0].from_version, *(s.to_version for s in chain.statements)])
-        title = f"wrote {len(chain.statements)} rollover statements ({len(data)} bytes) to {args.output}"
+        count, plural = len(chain.statements), "s" if len(chain.statements) != 1 else ""
+        title = f"wrote {count} rollover statement{plural} ({len(data)} bytes) to {args.output}"
         title += f": {steps}"
     if chain.statements and not chain.first_signature_checked:
         title += "\n(the first signature is checked by the device; pass --trusted-key to check it here)"

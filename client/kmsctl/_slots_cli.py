@@ -24,12 +24,10 @@ carries blocks of the remaining slots only; the revocation is permanent, as the 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
+from kmsctl import _officer_cli
 
 if TYPE_CHECKING:
     from kmsapi.v1 import approvals_pb2, slots_pb2
@@ -38,17 +36,7 @@ if TYPE_CHECKING:
 
 # kmsctl.cli imports this module; what this module needs of it is imported inside the functions.
 
-SECURITY_OFFICER = "security-officer"
 DIGEST_FILE = "slot{slot}.digest"
-
-Command = Callable[[argparse.Namespace, "KmsClient"], "Outcome"]
-
-
-def _time(message: Any, field: str) -> str | None:
-    if not message.HasField(field):
-        return None
-    moment: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
-    return moment.isoformat()
 
 
 def _state(message: slots_pb2.SecureBootSlot) -> str:
@@ -80,7 +68,7 @@ def slot_json(message: slots_pb2.SecureBootSlot) -> dict[str, Any]:
             }
             for v in message.versions
         ],
-        "revoke_time": _time(message, "revoke_time") if revoked else None,
+        "revoke_time": _officer_cli.iso_time(message, "revoke_time") if revoked else None,
         "revoked_by": message.revoked_by or None,
         "revocation_request": message.revocation_request or None,
     }
@@ -105,84 +93,48 @@ class SlotClient:
     """``ListSecureBootSlots`` and ``RequestSlotRevocation`` over a ``KmsClient``'s connection. Neither is
     retried: a repeated request would make a second approval request (list them first)."""
 
-    def __init__(self, channel: grpc.Channel, timeout: float) -> None:
-        from kmsapi.v1 import approvals_pb2, slots_pb2
-        from kmsctl import _wire
-
-        self._timeout = timeout
-        self._list = channel.unary_unary(
-            _wire.method_path(slots_pb2.DESCRIPTOR, "SecureBootSlotService", "ListSecureBootSlots"),
-            request_serializer=slots_pb2.ListSecureBootSlotsRequest.SerializeToString,
-            response_deserializer=slots_pb2.ListSecureBootSlotsResponse.FromString,
-        )
-        self._request = channel.unary_unary(
-            _wire.method_path(approvals_pb2.DESCRIPTOR, "ApprovalService", "RequestSlotRevocation"),
-            request_serializer=approvals_pb2.RequestSlotRevocationRequest.SerializeToString,
-            response_deserializer=approvals_pb2.ApprovalRequest.FromString,
-        )
-
-    @classmethod
-    def of(cls, client: KmsClient) -> SlotClient:
-        return cls(client._channel, client._timeout)
+    def __init__(self, client: KmsClient) -> None:
+        self._client = client
 
     def list(self, product: str) -> list[slots_pb2.SecureBootSlot]:
         from kmsapi.v1 import slots_pb2
-        from kmsctl import _wire
 
-        try:
-            response = self._list(
-                slots_pb2.ListSecureBootSlotsRequest(product=product), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise _wire.translate(error) from error
+        response = _officer_cli.call(
+            self._client,
+            slots_pb2.DESCRIPTOR,
+            "SecureBootSlotService",
+            "ListSecureBootSlots",
+            slots_pb2.ListSecureBootSlotsRequest(product=product),
+            slots_pb2.ListSecureBootSlotsResponse,
+        )
         return list(response.slots)
 
     def request_revocation(self, product: str, slot: int) -> approvals_pb2.ApprovalRequest:
         from kmsapi.v1 import approvals_pb2
-        from kmsctl import _wire
 
-        message = approvals_pb2.RequestSlotRevocationRequest(product=product, slot=slot)
-        try:
-            result: approvals_pb2.ApprovalRequest = self._request(message, timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise _wire.translate(error) from error
-        return result
+        request = approvals_pb2.RequestSlotRevocationRequest(product=product, slot=slot)
+        return _officer_cli.request_approval(self._client, "RequestSlotRevocation", request)
 
 
 def add_slot_commands(commands: Any, common_parents: list[argparse.ArgumentParser]) -> None:
     """Add ``slots show|export|revoke`` to the top-level ``commands`` subparsers; ``common_parents`` are the
     connection and output option parsers every command shares."""
-    from kmsctl.cli import _EXIT_CODES_HELP
-
-    slots = commands.add_parser(
+    slots = _officer_cli.CommandGroup(
+        commands,
+        common_parents,
         "slots",
-        help="Secure Boot V2 key slots of a product: show, export digests, revoke (officers).",
-        description="Secure Boot V2 key slots of a product: which key sits in which eFuse digest slot.",
+        "Secure Boot V2 key slots of a product: show, export digests, revoke (officers).",
+        "Secure Boot V2 key slots of a product: which key sits in which eFuse digest slot.",
+        product_help="the product whose slots to act on",
     )
-    sub_commands = slots.add_subparsers(title="commands", metavar="COMMAND", required=True)
-
-    def add(name: str, summary: str, command: Command) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = sub_commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            parents=common_parents,
-            epilog=f"default --identity: {SECURITY_OFFICER}\n\n{_EXIT_CODES_HELP}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        sub.set_defaults(command=command, local_command=None, default_identity=SECURITY_OFFICER)
-        sub.add_argument("--product", required=True, help="the product whose slots to act on")
-        return sub
-
-    add("show", "Show the product's three slots, their keys and eFuse key digests.", _show)
-    export = add(
+    slots.add("show", "Show the product's three slots, their keys and eFuse key digests.", _show)
+    export = slots.add(
         "export",
         "Write DIR/slotN.digest (32 bytes, as espsecure digest-sbv2-public-key) for each active slot.",
         _export,
     )
     export.add_argument("-o", "--output", metavar="DIR", required=True, help="directory for the digests")
-    revoke = add("revoke", "Request the revocation of a slot (dual control; permanent).", _revoke)
+    revoke = slots.add("revoke", "Request the revocation of a slot (dual control; permanent).", _revoke)
     revoke.add_argument("--slot", type=int, required=True, choices=(0, 1, 2), help="the slot to revoke")
 
 
@@ -218,7 +170,7 @@ def _table(slots: list[slots_pb2.SecureBootSlot]) -> str:
 def _show(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl.cli import Outcome
 
-    slots = SlotClient.of(client).list(args.product)
+    slots = SlotClient(client).list(args.product)
     return Outcome({"product": args.product, "slots": [slot_json(s) for s in slots]}, payload=_table(slots))
 
 
@@ -227,7 +179,7 @@ def _export(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl.cli import Outcome
     from kmsctl.errors import FailedPreconditionError, IntegrityError
 
-    active = [s for s in SlotClient.of(client).list(args.product) if _state(s) == "active"]
+    active = [s for s in SlotClient(client).list(args.product) if _state(s) == "active"]
     if not active:
         raise FailedPreconditionError(f"product {args.product!r} has no active Secure Boot V2 slot")
     digests: dict[int, bytes] = {}
@@ -279,7 +231,7 @@ def _revoke(args: argparse.Namespace, client: KmsClient) -> Outcome:
     from kmsctl._approvals_cli import request_json
     from kmsctl.cli import Outcome
 
-    made = SlotClient.of(client).request_revocation(args.product, args.slot)
+    made = SlotClient(client).request_revocation(args.product, args.slot)
     data = request_json(made)
     summary = "\n".join(
         [

@@ -209,15 +209,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(args, "OS_ERROR", _describe_os_error(error), status)
     except Exception as error:  # noqa: BLE001 -- the one place any failure becomes an exit code
         return _report_error(args, "UNKNOWN", f"unexpected {type(error).__name__}: {error}", EXIT_UNEXPECTED)
-    if args.json:
-        print(json.dumps(outcome.data, indent=2, sort_keys=True))
-    else:
-        if outcome.payload:
-            sys.stdout.write(outcome.payload)
-        if outcome.summary and not args.quiet:
-            print(outcome.summary)
-        if outcome.problems:
-            print(outcome.problems, file=sys.stderr)
+    try:
+        if args.json:
+            print(json.dumps(outcome.data, indent=2, sort_keys=True))
+        else:
+            if outcome.payload:
+                sys.stdout.write(outcome.payload)
+            if outcome.summary and not args.quiet:
+                print(outcome.summary)
+            if outcome.problems:
+                print(outcome.problems, file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (kmsctl ... | head): the work is done; stay quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error again at interpreter exit
     return outcome.exit_code
 
 

@@ -32,7 +32,16 @@ enabled. Hence:
   and nothing can use it until a version is enabled again or the key is rotated;
 - enabling a version of a key whose primary is not enabled makes that version the primary;
 - ``rotate`` adds version n+1 (n the highest number so far, destroyed versions included: numbers are never
-  reused), enabled, and makes it the primary.
+  reused), enabled, and makes it the primary;
+- the primary of an OTA manifest key only moves forward: any request that would make a version numbered
+  *lower* than the current primary the primary (``set_primary``, a new primary named when the primary leaves
+  ENABLED, enabling an older version while the primary is not enabled) is refused (``FailedPrecondition``:
+  rotate instead). Each rotation of such a key has the primary sign the new version's rollover statement,
+  and devices move from key to key by those statements alone; a primary moved back would sign a second
+  branch, and a replayed statement of the abandoned branch would strand a device on a key no later
+  statement leaves (``docs/manifest-key-rollover.md``). With the rule, each version of a manifest key signs
+  at most one stored statement and its statements form one chain (broken only at gaps: versions made while
+  the primary was not enabled have none), so a replayed statement can move a device only forward along it.
 
 Rotation schedule
 -----------------
@@ -275,7 +284,35 @@ def check_primary(states: Mapping[int, KeyVersionState], primary: int) -> None:
 
 
 def _new_primary(managed: ManagedKey, number: int, target: KeyVersionState, new_primary: int | None) -> int:
-    """The primary after ``number`` moves to ``target`` (the rules of the module docstring)."""
+    """The primary after ``number`` moves to ``target`` (the rules of the module docstring).
+
+    Every request that may change the primary (a transition, ``set_primary``, ``schedule_destroy`` with a
+    new primary) decides it here and only here, so the forward-only rule of OTA manifest keys
+    (``_forward_only``) covers them all; ``rotate`` always moves the primary up to a new, highest number.
+    """
+    return _forward_only(managed.key, _primary_after(managed, number, target, new_primary))
+
+
+def _forward_only(key: Key, primary: int) -> int:
+    """``primary`` unless ``key`` is an OTA manifest key and ``primary`` is below its current primary.
+
+    Every rotation of a manifest key has the primary of the moment sign the new version's rollover
+    statement (``kms.domain.rollover``), and a device moves to the new key by that statement alone, whenever
+    it gets it. Were the primary moved back to version M < N, the next rotation would make a statement
+    M -> N+1 beside the existing M -> ... -> N: two branches, and a device still trusting M would accept a
+    replay of the old branch's statements, trust N and never reach N+1 (N signs nothing more). Keeping the
+    primary non-decreasing keeps every statement on one chain.
+    """
+    if key.purpose is KeyPurpose.OTA_MANIFEST and primary < key.primary_version:
+        raise FailedPrecondition(
+            f"{KeyName(key.key_id, primary)} cannot become the primary of OTA manifest key {key.name}: "
+            f"devices may already trust version {key.primary_version} through its rollover statement; a "
+            "manifest key moves forward only: rotate instead"
+        )
+    return primary
+
+
+def _primary_after(managed: ManagedKey, number: int, target: KeyVersionState, new_primary: int | None) -> int:
     key = managed.key
     enabled_after = set(managed.enabled_versions) - {number} | ({number} if target is ENABLED else set())
     if new_primary is not None:

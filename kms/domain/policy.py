@@ -97,11 +97,6 @@ class ScopeRule:
             return len(segments) == 1 or segments[1] == _OFFICER_ROLE
         return len(segments) >= 3 and segments[1] == _OFFICER_ROLE
 
-    def names_every_officer_of_its_domain(self) -> bool:
-        """A pattern ``spiffe://TD/*`` or ``spiffe://TD/security-officer/*``: every officer of TD."""
-        segments = self._segments()
-        return self.is_prefix and (len(segments) == 1 or segments[1:] == [_OFFICER_ROLE])
-
 
 @dataclass(frozen=True)
 class ProductPolicy:
@@ -204,31 +199,96 @@ def check_policy_size(text: str) -> None:
         )
 
 
+def _unnamed_identity(base: str, exact: set[str]) -> str:
+    """An identity under ``base`` (ending in ``/``) that no exact rule names and no deeper pattern covers: its
+    last segment has no ``/`` and contains characters a certificate's URI SAN cannot, and it is lengthened
+    until no exact rule names it (TOML escapes can spell anything)."""
+    identity = base + "(an officer no rule names)"
+    while identity in exact:
+        identity += "_"
+    return identity
+
+
+def _unnamed_officers(policy: ProductPolicy) -> list[str]:
+    """One synthetic officer per group of officers the policy scopes without naming them one by one.
+
+    For each trust domain a rule that can name officers mentions: an officer of that domain no exact rule
+    names (``spiffe://TD/security-officer/<unnamed>``); for each pattern deeper than the role
+    (``spiffe://TD/security-officer/team/*``): an officer under it. Without any such rule, an officer of a
+    trust domain the policy never mentions, who gets ``default``.
+    """
+    exact = {rule.pattern for rule in policy.rules if not rule.is_prefix}
+    bases: dict[str, None] = {}  # ordered, for stable messages
+    for rule in policy.rules:
+        if not rule.may_name_officers():
+            continue
+        segments = rule._segments()
+        bases[f"{_SPIFFE}{segments[0]}/{_OFFICER_ROLE}/"] = None
+        if rule.is_prefix and len(segments) > 2:
+            bases[rule.pattern[:-1]] = None
+    if not bases:
+        bases[f"{_SPIFFE}(a trust domain no rule names)/{_OFFICER_ROLE}/"] = None
+    return [_unnamed_identity(base, exact) for base in bases]
+
+
 def require_officer_access(policy: ProductPolicy, officers_needed: int) -> None:
     """Refuse (``InvalidArgument``) a policy under which officers could no longer change the policy.
 
     A policy change is an act on ``SYSTEM_PRODUCT``: its requester and its ``officers_needed - 1``
-    approvers must each act for every product. The server cannot know which officer certificates exist,
-    so this is a check on the text, and it accepts a policy when
-      - a rule that can name a security officer (``spiffe://TD/security-officer/...``, or a pattern such as
-        ``spiffe://TD/*`` that covers them) grants ``"*"`` through a pattern (any number of officers), or
-        through at least ``officers_needed`` exact identities; or
-      - ``default = "all"`` and no pattern scopes every officer of a trust domain to listed products (an
-        officer no rule names then keeps every product).
-    It catches the plain lock-outs (``default = "none"`` with officers unnamed or scoped to products); it
-    cannot tell whether the officers it counts on hold certificates, nor that they are still employed.
+    approvers must each act for every product (scope ``None``). The server cannot know which officer
+    certificates exist, so this judges the text, by what the policy's own resolution (``scope_of``: exact
+    rule first, then the longest pattern, then ``default``) gives two kinds of officers:
+
+    - officers no exact rule names, one synthetic identity per group (``_unnamed_officers``: per trust domain
+      the officer rules mention, and per pattern deeper than the role). If one of them gets every product,
+      any number of officers can be issued certificates that act for every product;
+    - officers named exactly, each counted if its own rule grants ``"*"``.
+
+    The policy is accepted when at least ``officers_needed`` officers named exactly get every product, or
+    when some group of unnamed officers does, unless the policy scopes at least ``officers_needed`` officers
+    by name to listed products: such a policy reads as "the officers I know of are scoped", and counting on
+    officers nobody named (who may hold no certificate) is exactly how such a text locks everyone out, so it
+    must then name ``officers_needed`` officers who keep every product.
+
+    Limits: the guard cannot tell whether the officers it counts on hold certificates, nor that they are
+    still employed; a policy that scopes fewer named officers than ``officers_needed`` while the unnamed
+    ones do not exist passes. ``kms policy reset`` (local, on a server host) is the way out of a lock-out
+    the guard did not catch.
     """
-    unscoped = [r for r in policy.rules if r.products is None and r.may_name_officers()]
-    if any(r.is_prefix for r in unscoped) or len(unscoped) >= officers_needed:
+    named = {r.pattern: r.products for r in policy.rules if not r.is_prefix and r.may_name_officers()}
+    named_all = sorted(identity for identity, products in named.items() if products is None)
+    named_scoped = sorted(identity for identity, products in named.items() if products is not None)
+    if len(named_all) >= officers_needed:
         return
-    if policy.default_all and not any(r.names_every_officer_of_its_domain() for r in policy.rules):
+    unnamed = {identity: policy.scope_of(identity) for identity in _unnamed_officers(policy)}
+    unnamed_all = any(scope is None for scope in unnamed.values())
+    if unnamed_all and len(named_scoped) < officers_needed:
         return
+    needs = (
+        "the security officers out: a policy change needs "
+        f"{officers_needed} officers (the requester and the approvers) who act for every product"
+    )
+    grants = (
+        f"{len(named_all)} officer identit{'y' if len(named_all) == 1 else 'ies'} named exactly "
+        f"act{'s' if len(named_all) == 1 else ''} for every product"
+    )
+    if unnamed_all:
+        shown = ", ".join(named_scoped[:officers_needed])
+        more = ", ..." if len(named_scoped) > officers_needed else ""
+        raise InvalidArgument(
+            f"the policy would lock {needs}; it scopes {len(named_scoped)} officers by name to listed "
+            f'products ({shown}{more}) and only {grants}: the "*" it leaves to officers no rule names '
+            f"counts on officers who may not exist. Name at least {officers_needed} officer identities "
+            'with "*"'
+        )
+    scopes = "; ".join(
+        f"{identity.rsplit('/', 1)[0]}/<unnamed> acts for {_describe(scope or ())}"
+        for identity, scope in unnamed.items()
+    )
     raise InvalidArgument(
-        "the policy would lock the security officers out: a policy change needs "
-        f"{officers_needed} officers (the requester and the approvers) who act for every product, and this "
-        f"policy grants every product to {len(unscoped)} named officer identit"
-        f"{'y' if len(unscoped) == 1 else 'ies'} and to no officer pattern; grant it, e.g. "
-        '"spiffe://TRUST_DOMAIN/security-officer/*" = "*"'
+        f"the policy would lock {needs}; under it {scopes}, and {grants}. Grant every product to the "
+        'officers, e.g. "spiffe://TRUST_DOMAIN/security-officer/*" = "*" (a longer pattern or an exact '
+        "identity overrides it)"
     )
 
 
@@ -260,8 +320,13 @@ class PolicyRepository(Protocol):
 
     def latest(self) -> StoredPolicy | None: ...
 
-    def add_draft(self, text: str, now: datetime) -> bytes:
-        """Keep a proposed text (idempotent); return its SHA-256, the name an approval request holds."""
+    def version(self, number: int) -> StoredPolicy | None:
+        """Installed version ``number`` (None if there is none)."""
+        ...
+
+    def add_draft(self, text: str, now: datetime, prune_before: datetime | None = None) -> bytes:
+        """Keep a proposed text, dated ``now`` (proposing it again dates it anew); return its SHA-256, the
+        name an approval request holds. Delete the drafts dated before ``prune_before`` in the same write."""
         ...
 
     def draft(self, sha256: bytes) -> str:

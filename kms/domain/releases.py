@@ -45,8 +45,8 @@ def check_floor(product: str, secure_version: int, floor: int | None) -> None:
     unless officers lowered it since)."""
     if floor is not None and secure_version < floor:
         raise FailedPrecondition(
-            f"anti-rollback: image secure_version {secure_version} is below product {product!r}'s "
-            f"floor {floor} (the highest secure_version signed so far, unless officers lowered it); "
+            f"anti-rollback: image secure_version {secure_version} is below the floor {floor} of "
+            f"product {product!r} (the highest secure_version signed so far, unless officers lowered it); "
             f"build with secure_version >= {floor}"
         )
 
@@ -86,7 +86,7 @@ def check_lowering(product: str, current: int | None, new: int) -> int:
         )
     if new >= current:
         raise InvalidArgument(
-            f"the new floor {new} must be below product {product!r}'s current floor {current}; "
+            f"the new floor {new} must be below the current floor {current} of product {product!r}; "
             "the floor rises by itself when a higher secure_version is signed"
         )
     return current
@@ -97,7 +97,7 @@ def check_floor_unmoved(lowering: FloorLowering, current: int | None) -> None:
     if current != lowering.from_secure_version:
         now = "has no floor" if current is None else f"is now at {current}"
         raise FailedPrecondition(
-            f"product {lowering.product!r}'s anti-rollback floor {now}, not at "
+            f"the anti-rollback floor of product {lowering.product!r} {now}, not at "
             f"{lowering.from_secure_version} as when the lowering was requested; the officers approved "
             "another change: reject this request and request the lowering again if it is still wanted"
         )

@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.domain import signatures
-from kms.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from kms.domain.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from kms.domain.keys import PRODUCT_PATTERN, Algorithm, Key, KeyName
 
 MAGIC = b"FKRS"
@@ -236,6 +236,25 @@ class ManifestKeyRollover:
     def parsed(self) -> RolloverStatement:
         return RolloverStatement.parse(self.statement)
 
+    def stored_statement(self) -> RolloverStatement:
+        """The statement as read back from the store: ``parsed``, but ``DataLoss`` if the stored bytes no
+        longer parse or name other versions than their row. The service wrote them from a statement it had
+        just built and checked, so a failure here is corruption of the store, not a caller's mistake."""
+        try:
+            statement = self.parsed()
+        except InvalidArgument as error:
+            raise DataLoss(
+                f"the stored rollover statement introducing {self.to_name} is corrupt ({error}); restore the "
+                "database from a backup"
+            ) from None
+        body = statement.body
+        if (body.from_version, body.to_version) != (self.from_version, self.to_version):
+            raise DataLoss(
+                f"the stored rollover statement introducing {self.to_name} names versions "
+                f"{body.from_version} -> {body.to_version}; the store is corrupt: restore it from a backup"
+            )
+        return statement
+
 
 def statement_body(key: Key, signer_version: int, new_version: int, new_key_der: bytes) -> RolloverBody:
     """What version ``signer_version`` of ``key`` signs to introduce ``new_version`` (public key
@@ -261,7 +280,9 @@ def rollover_chain(
     so walking back from the primary through each statement's from version gives the one possible chain.
     ``NotFound`` if no version of ``key`` has that key id; ``FailedPrecondition`` naming the version where
     the walk stops: a version made while its predecessor was not enabled (a gap), or the key's first version
-    when the trusted version is not on the primary's chain (the primary was moved back to an older version).
+    when the trusted version is not on the primary's chain. The latter needs a primary moved back to an
+    older version, which ``kms.domain.lifecycle`` refuses for manifest keys (their primary moves forward
+    only); it remains for data written before that rule.
     """
     if len(trusted_key_id) != KEY_ID_LEN:
         raise InvalidArgument(

@@ -24,7 +24,15 @@ the one whose digest devices must hold. A slot is
 Revoking a slot (an act under dual control: ``kms.domain.approvals``, ``Action.REVOKE_SBV2_SLOT``) records
 who executed it, when, and under which approval request. From then on ``SignImage`` signs with the remaining
 ACTIVE slots only, so the next release (the one devices need in order to burn ``KEY_REVOKEn``) carries no
-block of the revoked key, and ``SignDigest`` with that key is refused.
+block of the revoked key, and ``SignDigest`` with that key is refused. Exactly:
+
+- releases: no release committed after the revocation carries a block of the revoked slot's key. The check
+  runs in the transaction that commits the release (``check_release_keys``), so it holds whatever any
+  signing process had read before;
+- ``SignDigest``: in the process that executed the revocation, every call that starts after the revocation
+  returned is refused; in other processes, every call that starts more than 1 s after it committed (the
+  TTL of their cache of revoked slots, ``kms.service.signing.RevokedSlotCache``). A call already past the
+  check when the revocation commits may still finish, with its key use recorded as any other.
 
 Revocation is permanent, like the eFuse bit
 -------------------------------------------
@@ -214,13 +222,15 @@ def check_release_keys(key_versions: Collection[str], revoked_key_ids: Collectio
 
     The last guard, run inside the transaction that records a release: a signing call that read the slots
     before a revocation committed (the cache, or a race) cannot record a release carrying the revoked block.
+    The signatures the HSM made for the refused release are still recorded as key uses, through the
+    signature log (``kms.service.signing``).
     """
     for name in key_versions:
         key_id = KeyName.parse(name).key_id
         if key_id in revoked_key_ids:
             raise FailedPrecondition(
                 f"the Secure Boot V2 slot of key {key_id} was revoked while this image was being signed; "
-                "nothing was recorded: sign the image again (it will carry the remaining slots only)"
+                "no release was recorded: sign the image again (it will carry the remaining slots only)"
             )
 
 

@@ -5,6 +5,10 @@ keys) with the authenticated caller, and builds the response. The rules live in 
 errors become status codes in ``translate_errors``; only security officers get here (``METHOD_ROLES`` in
 ``kms.server.auth``), and the use cases refuse keys of products outside the officer's scope (the product of
 the key, or the product in the request for creation). ``add_key_admin`` registers the servicer on a server.
+
+Audit: every method notes in the call's audit record (``note``) the product, the key acted on
+(``resource``, ``keys/K``) and the key version (``key_version``: the version named, or the one a rotation or
+creation made), the request's part before the use case runs, so that refused calls carry them too.
 """
 
 from __future__ import annotations
@@ -135,6 +139,17 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
         self._keys = keys
         self._require_dual_control = require_dual_control
 
+    def _noted(self, name: str) -> str:
+        """``name`` (``keys/K`` or ``keys/K/versions/N``), noted in the audit record with the key's product
+        (read here, before the use case checks the caller's scope; an unknown key is NOT_FOUND, as there)."""
+        note(resource=name)
+        parsed = KeyName.parse(name)
+        note(resource=str(KeyName(parsed.key_id)))
+        if parsed.version is not None:
+            note(key_version=str(parsed))
+        note(product=self._lifecycle.get(parsed.key_id).key.product)
+        return name
+
     @translate_errors
     def CreateKey(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.CreateKeyRequest, context: grpc.ServicerContext
@@ -145,10 +160,11 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
             choices = ", ".join(common_pb2.KeyPurpose.Name(number) for number in _PURPOSES_OF_PB)
             raise InvalidArgument(f"purpose is required: one of {choices}")
         slot = request.sbv2_slot if request.HasField("sbv2_slot") else None
-        note(product=request.product)
+        note(product=request.product, resource=f"keys/{request.key_id}")
         key = self._admin.create_key_for(
             caller, request.key_id, request.product, purpose, Algorithm.parse(request.algorithm), slot
         )
+        note(resource=key.name, key_version=key.version().name)
         self._lifecycle.record_creation(caller, key)
         return managed_key_pb(ManagedKey(key))
 
@@ -157,8 +173,13 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
         self, request: admin_pb2.CreateProductKeySetRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CreateProductKeySetResponse:
         caller = caller_of(context)
-        note(product=request.product)
+        note(product=request.product, resource=f"products/{request.product}")
         created, existing = self._admin.create_product_set_for(caller, request.product)
+        if created:
+            note(
+                resource=",".join(key.name for key in created),
+                key_version=",".join(key.version().name for key in created),
+            )
         for key in created:
             self._lifecycle.record_creation(caller, key)
         return admin_pb2.CreateProductKeySetResponse(
@@ -170,8 +191,9 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def RotateKey(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.RotateKeyRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RotateKeyResponse:
-        key_id = _key_id(request.name)
+        key_id = _key_id(self._noted(request.name))
         version = self._lifecycle.rotate(caller_of(context), key_id)
+        note(key_version=version.name)
         return admin_pb2.RotateKeyResponse(
             key_version=version_pb(version), key=managed_key_pb(self._lifecycle.get(key_id))
         )
@@ -187,7 +209,7 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
             )
         managed = self._lifecycle.set_state(
             caller_of(context),
-            request.name,
+            self._noted(request.name),
             target,
             new_primary=_new_primary(request.name, request.new_primary_version),
         )
@@ -197,14 +219,19 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def SetPrimaryVersion(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.SetPrimaryVersionRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ManagedKey:
-        return managed_key_pb(self._lifecycle.set_primary(caller_of(context), request.name))
+        return managed_key_pb(self._lifecycle.set_primary(caller_of(context), self._noted(request.name)))
 
     @translate_errors
     def ScheduleKeyVersionDestruction(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.ScheduleKeyVersionDestructionRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ManagedKey:
+        self._noted(request.name)
         if self._require_dual_control:
-            raise FailedPrecondition("needs dual control: use ApprovalService.RequestKeyVersionDestruction")
+            raise FailedPrecondition(
+                "destroying a key version needs dual control: request it with "
+                "ApprovalService.RequestKeyVersionDestruction ('kmsctl approvals request-destroy VERSION'); "
+                "other officers approve it, then one executes it"
+            )
         delay = (
             _seconds(request.delay_seconds, "delay_seconds") if request.HasField("delay_seconds") else None
         )
@@ -220,13 +247,13 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def CancelKeyVersionDestruction(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.CancelKeyVersionDestructionRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ManagedKey:
-        return managed_key_pb(self._lifecycle.cancel_destroy(caller_of(context), request.name))
+        return managed_key_pb(self._lifecycle.cancel_destroy(caller_of(context), self._noted(request.name)))
 
     @translate_errors
     def SetRotationSchedule(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.SetRotationScheduleRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ManagedKey:
-        key_id = _key_id(request.name)
+        key_id = _key_id(self._noted(request.name))
         period = _seconds(request.period_seconds, "period_seconds") if request.period_seconds else None
         first = (
             request.first_rotation_time.ToDatetime(tzinfo=UTC)
@@ -240,7 +267,7 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     def ListKeyTransitions(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.ListKeyTransitionsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListKeyTransitionsResponse:
-        transitions = self._lifecycle.transitions_for(caller_of(context), request.name)
+        transitions = self._lifecycle.transitions_for(caller_of(context), self._noted(request.name))
         return admin_pb2.ListKeyTransitionsResponse(transitions=[transition_pb(t) for t in transitions])
 
 

@@ -224,6 +224,7 @@ class KmsServer:
             components.keys,
             changed=self.signing.key_changed,
             destroy_guard=destroy_guard(components.kek_rotations),
+            signature_log=components.signature_log,
         )
         add_key_admin(
             self.server,
@@ -243,7 +244,7 @@ class KmsServer:
         self.slots = SecureBootSlots(components.keys, slot_revocations, changed=self.signing.slots_changed)
         add_secure_boot_slots(self.server, self.slots)
         acts[Action.REVOKE_SBV2_SLOT] = RevokeSlot(self.slots)
-        self.floors = RollbackFloors(components.releases)
+        self.floors = RollbackFloors(components.releases, keys=components.keys)
         add_rollback_floor(self.server, self.floors)
         acts[Action.LOWER_ROLLBACK_FLOOR] = LowerFloor(self.floors)
         acts[Action.REPROVISION_DEVICE_SECRET] = ReprovisionDevice(DeviceReprovisioning(components.devices))

@@ -6,13 +6,14 @@ officers and auditors whatever their product scope: the policy spans every produ
 and an officer must be able to read why it is scoped. ``ChangePolicy.prepare`` checks the proposed text and
 records its SHA-256 and the version it changes as the request's parameters; ``execute`` installs exactly that
 text (``kms.service.policy``). The request belongs to ``SYSTEM_PRODUCT``: only officers with every product
-request, approve and execute policy changes (``kms.domain.policy``).
+request, approve and execute policy changes (``kms.domain.policy``). A version installed by ``kms policy
+reset`` (break glass, on a server host) shows ``updated_by`` "local:USER" and ``update_request``
+"break-glass".
 """
 
 from __future__ import annotations
 
 import hashlib
-
 from datetime import datetime
 
 import grpc
@@ -24,7 +25,7 @@ from kms.domain.keys import SYSTEM_PRODUCT
 from kms.domain.policy import StoredPolicy
 from kms.server.audit_interceptor import note
 from kms.server.errors import translate_errors
-from kms.service.policy import AuthorizationPolicies, proposal_from
+from kms.service.policy import BREAK_GLASS, AuthorizationPolicies, proposal_from
 from kmsapi.v1 import approvals_pb2, policy_pb2, policy_pb2_grpc
 
 POLICY_TARGET = "authorization-policy"
@@ -39,13 +40,21 @@ def _timestamp(moment: datetime) -> Timestamp:
     return stamp
 
 
+def _update_request(policy: StoredPolicy) -> str:
+    """``approvals/ID``; ``break-glass`` for a version ``kms policy reset`` installed (no request: it names
+    no approval resource on purpose, so no client looks one up)."""
+    if policy.approval_id == BREAK_GLASS:
+        return BREAK_GLASS
+    return f"approvals/{policy.approval_id}" if policy.approval_id else ""
+
+
 def policy_pb(policy: StoredPolicy) -> policy_pb2.AuthorizationPolicy:
     message = policy_pb2.AuthorizationPolicy(
         version=policy.version,
         toml=policy.text,
         sha256=policy.sha256,
         updated_by=policy.created_by,
-        update_request=f"approvals/{policy.approval_id}" if policy.approval_id else "",
+        update_request=_update_request(policy),
     )
     if policy.created_at is not None:
         message.update_time.CopyFrom(_timestamp(policy.created_at))

@@ -252,7 +252,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             current_version=chain.current.name, current_key_id=chain.current_key_id
         )
         for stored in chain.statements:
-            body = stored.parsed().body
+            body = stored.stored_statement().body  # DATA_LOSS if the stored bytes are corrupt
             response.statements.add(
                 statement=stored.statement,
                 from_version=stored.from_name,

@@ -27,8 +27,14 @@ key-use record of the signature are committed in one transaction (``apply_change
 commit leaves none of them (only generated HSM material, as any failed rotation), after it all three. If
 the change is refused (the key changed meanwhile), the statement is discarded with the new material, whose
 private key is destroyed, so the statement introduces a key that no longer exists and never left the
-service. A failure to sign (HSM unavailable) fails the rotation rather than leave a gap; the scheduler
-tries again on its next run.
+service. The signature was a use of the signing version all the same: its key-use record is appended to
+the ``SignatureLog`` (its subject saying the version was not created) before the refusal is returned, as it
+is when the signature made fails its check. A failure to sign (HSM unavailable) fails the rotation rather
+than leave a gap; the scheduler tries again on its next run.
+
+An OTA manifest key's primary moves forward only: ``kms.domain.lifecycle`` refuses every request that would
+make an older version primary, so each version signs at most one stored statement and the statements of a
+key form one chain, which no replay can leave (``docs/manifest-key-rollover.md``).
 
 Scheduled work
 --------------
@@ -55,7 +61,7 @@ from kms.domain.identity import Caller
 from kms.domain.keys import Key, KeyName, KeyPurpose, KeyVersion, KeyVersionState
 from kms.domain.lifecycle import LifecycleChange, ManagedKey, Transition
 from kms.domain.policy import require_product
-from kms.domain.ports import Hsm, KeyRepository
+from kms.domain.ports import Hsm, KeyRepository, SignatureLog
 from kms.domain.releases import SignatureRecord
 from kms.service.keys import SECRET_KEY_ALGORITHMS
 
@@ -104,10 +110,14 @@ class KeyLifecycle:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         changed: Callable[[str], None] = lambda key_id: None,
         destroy_guard: Callable[[KeyVersion], None] | None = None,
+        signature_log: SignatureLog | None = None,
     ) -> None:
         """``changed(key_id)`` is called after every change this service stores (drop cached keys there).
         ``destroy_guard(version)`` is asked before a destruction is scheduled and refuses by raising (a KEK
-        version that still wraps device secrets: ``kms.service.kek_rotation``)."""
+        version that still wraps device secrets: ``kms.service.kek_rotation``). ``signature_log`` records
+        the key use of a rollover statement whose rotation was refused at commit (the server passes its
+        log; without one, such a use is only logged as an error)."""
+        self._signature_log = signature_log
         self._hsm = hsm
         self._keys = keys
         self._destroy_delay = lifecycle.check_destroy_delay(destroy_delay)
@@ -286,24 +296,35 @@ class KeyLifecycle:
         else:
             pair = self._hsm.generate_key_pair(key.algorithm, label)
             hsm_id, public_der = pair.hsm_id, pair.public_key_der
+        signed: list[SignatureRecord] = []  # the HSM signatures made for this rotation, stored or not
         try:
             change = lifecycle.rotate(managed, hsm_id, public_der, actor, now)
             if key.purpose is KeyPurpose.OTA_MANIFEST:
-                change = self._with_rollover(managed, change, actor, now)
+                change = self._with_rollover(managed, change, actor, now, signed)
             self._keys.apply_change(change)
-        except BaseException:
-            self._hsm.destroy_key_pair(hsm_id)
+        except BaseException as failure:
+            try:
+                if isinstance(failure, Exception):
+                    self._record_unstored(signed, failure)
+            finally:
+                self._hsm.destroy_key_pair(hsm_id)
             raise
         self._changed(key.key_id)
         assert change.new_version is not None
         return change.new_version
 
     def _with_rollover(
-        self, managed: ManagedKey, change: LifecycleChange, actor: str, now: datetime
+        self,
+        managed: ManagedKey,
+        change: LifecycleChange,
+        actor: str,
+        now: datetime,
+        signed: list[SignatureRecord],
     ) -> LifecycleChange:
         """``change`` (a rotation) with the new version's rollover statement, signed in the HSM by the
-        primary before the rotation, and the key-use record of that signature; ``change`` unchanged, and a
-        warning, if that primary is not enabled (a gap in the chain: see the module docstring)."""
+        primary before the rotation, and the key-use record of that signature, also appended to ``signed``
+        as soon as the HSM has signed; ``change`` unchanged, and a warning, if that primary is not enabled
+        (a gap in the chain: see the module docstring)."""
         key, new = managed.key, change.new_version
         assert new is not None
         try:
@@ -320,11 +341,32 @@ class KeyLifecycle:
         body = rollover.statement_body(key, signer.version, new.version, new.public_key_der)
         digest = body.digest()
         raw = self._hsm.sign_digest(signer.hsm_id, signer.algorithm, digest)
+        use = SignatureRecord(actor, "sign-key-rollover", signer.name, digest, new.name, now)
+        signed.append(use)
         signatures.check_signature(signer.algorithm, signer.public_key_der, digest, raw)
         statement = rollover.RolloverStatement(body, raw).to_bytes()
         record = rollover.ManifestKeyRollover(key.key_id, signer.version, new.version, statement, now)
-        use = SignatureRecord(actor, "sign-key-rollover", signer.name, digest, new.name, now)
         return replace(change, rollover=record, key_uses=(*change.key_uses, use))
+
+    def _record_unstored(self, signed: list[SignatureRecord], failure: Exception) -> None:
+        """Append the key uses in ``signed`` (their rotation failed, so the change that carried them was not
+        stored) to the signature log. Their subject names the version the rotation would have made, which a
+        later rotation may make with another key: it says that this one was not created. A failure to
+        append is logged and does not replace ``failure``, the error the caller gets."""
+        for use in signed:
+            unstored = replace(use, subject=f"{use.subject} (not created: {type(failure).__name__})")
+            try:
+                if self._signature_log is None:
+                    raise FailedPrecondition("this KeyLifecycle has no signature log")
+                self._signature_log.append(unstored)
+            except KmsError as error:
+                _log.error(
+                    "could not record the key use of %s (%s, %s): %s",
+                    use.key_version,
+                    use.operation,
+                    unstored.subject,
+                    error,
+                )
 
     def _destroy(self, managed: ManagedKey, number: int, actor: str, now: datetime) -> None:
         """Record the version DESTROYED (the rules refuse unless it is due), then destroy its material and

@@ -96,8 +96,8 @@ class DeviceRegistry:
         _key, version = primary_key_of(self._keys, product, KeyPurpose.REGISTRATION_TRANSPORT)
         if key_version != version.name:
             raise FailedPrecondition(
-                f"{key_version!r} is not product {product!r}'s current registration key ({version.name}); "
-                "fetch it again with GetRegistrationKey"
+                f"{key_version!r} is not the current registration key of product {product!r} "
+                f"({version.name}); fetch it again with GetRegistrationKey"
             )
         if len(wrapped_batch_key) != 384:
             raise InvalidArgument("wrapped_batch_key must be an RSA-3072 OAEP ciphertext of 384 bytes")

@@ -5,8 +5,10 @@
 - ``revoke``: the approved act, run once by ``DualControl.execute`` as the executing officer.
 
 Every use case is bound to the product's scope (``require_product``) of the caller: the requesting officer
-when a request is made, the executing officer when it is executed (approvers vote on the request, not on the
-product: their scope is not consulted).
+when a request is made, the executing officer when it is executed. Approvers vote through
+``kms.service.approvals.DualControl``, which checks their scope too (``DualControl.approve`` and ``reject``
+refuse an officer whose scope does not include the request's product), so every officer who requests,
+approves or executes a revocation has the product in scope.
 
 After a revocation the ``changed`` callback (``SigningService.slots_changed``) drops the signing path's cached
 view of the product's slots, so the next signing call in this process already leaves the slot out.

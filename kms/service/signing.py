@@ -15,24 +15,39 @@ Sign an image, step by step (each step may refuse, and nothing is written before
    assembling the signature sector.
 6. Store the signed image and commit the release with one key-use record per signature; only then answer.
 
-Revoked slots are read through ``RevokedSlotCache``, like keys through ``KeyCache``: a revocation committed
-by another process is seen within ``ttl`` seconds, one executed by this process at once (the use case calls
-``slots_changed``). A call that had already read the slots when a revocation committed may still finish with
-the revoked slot's block; the revocation binds every call that starts after ``ExecuteRequest`` returned.
+Every signature the HSM made is recorded
+-----------------------------------------
+The key-use records of a release are committed with it. When the release is not committed although the HSM
+has signed (the store refuses it at commit: a slot revoked or the floor raised meanwhile; a later key's
+signature failed; a concurrent identical request's release was stored instead), the signatures made are
+appended to the ``SignatureLog`` before the error (or the other release) is returned, with a subject saying
+that nothing was released. The signed bytes never leave the service in that case, but the key uses happened.
+
+What a slot revocation binds, exactly
+-------------------------------------
+- Releases: exactly, in the commit transaction. The store refuses a release carrying a block by a revoked
+  slot's key (``kms.domain.sbv2_slots.check_release_keys``) whatever this process had read, so no release
+  committed after the revocation carries the revoked slot's block.
+- ``SignDigest``: revoked slots are read through ``RevokedSlotCache``, like keys through ``KeyCache``. In
+  the process that executed the revocation (its use case calls ``slots_changed``), every call that starts
+  after ``ExecuteRequest`` returned is refused; in other processes, every call that starts more than ``ttl``
+  (1 s) after the revocation committed. A call already past the check when the revocation commits may
+  still finish (its signature is recorded like any other).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from kms.domain import chips, esp_image, sbv2, sbv2_slots, signatures
-from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, NotFound
+from kms.domain.errors import FailedPrecondition, HsmFailure, InvalidArgument, KmsError, NotFound
 from kms.domain.identity import Caller
 from kms.domain.keys import (
     HashAlgorithm,
@@ -51,6 +66,10 @@ from kms.domain.signatures import SignatureEncoding
 
 if TYPE_CHECKING:
     from hashlib import _Hash as HashObject
+
+_logger = logging.getLogger("kms.signing")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 DIGEST_PURPOSES = frozenset({KeyPurpose.SECURE_BOOT_V2, KeyPurpose.DIGEST_SIGNING})
 """Purposes whose keys sign caller-supplied digests. OTA manifest keys sign only manifests the service
@@ -89,57 +108,86 @@ def _enabled(key: Key, number: int | None = None) -> KeyVersion:
     return version
 
 
+class _ExpiringCache(Generic[_K, _V]):
+    """Values of ``load(key)`` kept for ``ttl`` seconds, with an ``invalidate`` that really binds.
+
+    A refill reads outside the lock (a slow read of one entry must not hold up the others), so an
+    ``invalidate`` may run while a refill that started before it is still reading, and that refill may have
+    read the state from before the change that prompted the ``invalidate``. Storing its result would serve
+    the old state for another ``ttl`` seconds after the ``invalidate`` returned. Hence a generation counter:
+    ``invalidate`` increments it, and a refill stores its result only if the generation is still the one it
+    saw when it started. The refill still returns what it read to its own caller, whose call began before
+    the ``invalidate``; every read that starts after ``invalidate`` returned loads afresh.
+    """
+
+    def __init__(self, load: Callable[[_K], _V], ttl: float) -> None:
+        self._load = load
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._entries: dict[_K, tuple[float, _V]] = {}
+        self._generation = 0
+
+    def get(self, key: _K) -> _V:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                return entry[1]
+            generation = self._generation
+        value = self._load(key)
+        with self._lock:
+            if self._generation == generation:
+                self._entries[key] = (now + self._ttl, value)
+        return value
+
+    def invalidate(self, key: _K) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.pop(key, None)
+
+
 class KeyCache:
     """Keys by id for ``ttl`` seconds, so the signing hot path does not read SQLite on every call.
 
     A change made by another process (a new version, a state change) is seen after at most ``ttl``
-    seconds (1 s by default), as with the eventual consistency of Cloud KMS key state changes.
+    seconds (1 s by default), as with the eventual consistency of Cloud KMS key state changes. A change made
+    by this process is seen by every call that starts after ``invalidate`` returned (``_ExpiringCache``).
     """
 
     def __init__(self, keys: KeyRepository, ttl: float = 1.0) -> None:
-        self._keys = keys
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, Key]] = {}
+        self._cache: _ExpiringCache[str, Key] = _ExpiringCache(keys.get_key, ttl)
 
     def get(self, key_id: str) -> Key:
-        now = time.monotonic()
-        entry = self._entries.get(key_id)
-        if entry is not None and entry[0] > now:
-            return entry[1]
-        key = self._keys.get_key(key_id)
-        self._entries[key_id] = (now + self._ttl, key)
-        return key
+        return self._cache.get(key_id)
 
     def invalidate(self, key_id: str) -> None:
         """Forget a key at once (this process changed it: see ``KeyLifecycle(changed=...)``)."""
-        self._entries.pop(key_id, None)
+        self._cache.invalidate(key_id)
+
+
+def _no_revoked_slots(product: str) -> frozenset[int]:
+    return frozenset()
 
 
 class RevokedSlotCache:
     """Revoked Secure Boot V2 slot numbers by product for ``ttl`` seconds, as ``KeyCache`` keeps keys.
 
-    Without a repository no slot is ever revoked (a service built without slot revocations).
+    A revocation committed by another process is seen within ``ttl`` seconds; one this process committed
+    (and then called ``invalidate``) by every call that starts after ``invalidate`` returned, even while a
+    refill that began before it is still reading (``_ExpiringCache``). Without a repository no slot is ever
+    revoked (a service built without slot revocations).
     """
 
     def __init__(self, revocations: SlotRevocationRepository | None, ttl: float = 1.0) -> None:
-        self._revocations = revocations
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, frozenset[int]]] = {}
+        load = _no_revoked_slots if revocations is None else revocations.revoked_slots
+        self._cache: _ExpiringCache[str, frozenset[int]] = _ExpiringCache(load, ttl)
 
     def get(self, product: str) -> frozenset[int]:
-        if self._revocations is None:
-            return frozenset()
-        now = time.monotonic()
-        entry = self._entries.get(product)
-        if entry is not None and entry[0] > now:
-            return entry[1]
-        revoked = self._revocations.revoked_slots(product)
-        self._entries[product] = (now + self._ttl, revoked)
-        return revoked
+        return self._cache.get(product)
 
     def invalidate(self, product: str) -> None:
         """Forget a product's slots at once (this process revoked one: ``SigningService.slots_changed``)."""
-        self._entries.pop(product, None)
+        self._cache.invalidate(product)
 
 
 class SigningService:
@@ -201,44 +249,66 @@ class SigningService:
         padded = sbv2.pad_image(image)
         hashed.update(memoryview(padded)[len(image) :])  # SHA-256 of the padded image, one pass in all
         now = self._clock()
-        blocks: list[bytes] = []
-        digests: list[bytes] = []
-        for version in versions:
-            if version.algorithm.hash is HashAlgorithm.SHA256:
-                digest = hashed.digest()
-            else:
-                digest = sbv2.image_digest(padded, version.algorithm)
-            raw = self._hsm.sign_digest(version.hsm_id, version.algorithm, digest)
-            block = sbv2.signature_block(version.algorithm, version.public_key_der, digest, raw)
-            if not sbv2.verify_block(block, digest, version.public_key_der):
-                raise HsmFailure(f"the signature by {version.name} does not verify; nothing was released")
-            blocks.append(block)
-            digests.append(digest)
-        sector = sbv2.signature_sector(blocks)
-        signed = padded + sector
-        hashed.update(sector)
+        made: list[SignatureRecord] = []  # every signature the HSM made, whatever happens next
+        unreleased = f"image {input_sha256.hex()} of product {product} (not released)"
+        try:
+            blocks: list[bytes] = []
+            for version in versions:
+                if version.algorithm.hash is HashAlgorithm.SHA256:
+                    digest = hashed.digest()
+                else:
+                    digest = sbv2.image_digest(padded, version.algorithm)
+                raw = self._hsm.sign_digest(version.hsm_id, version.algorithm, digest)
+                made.append(SignatureRecord(caller.identity, "sign-image", version.name, digest, "", now))
+                block = sbv2.signature_block(version.algorithm, version.public_key_der, digest, raw)
+                if not sbv2.verify_block(block, digest, version.public_key_der):
+                    raise HsmFailure(f"the signature by {version.name} does not verify; nothing was released")
+                blocks.append(block)
+            sector = sbv2.signature_sector(blocks)
+            signed = padded + sector
+            hashed.update(sector)
 
-        release = Release(
-            product=product,
-            chip=app.chip.name,
-            version=app.version,
-            secure_version=app.secure_version,
-            project_name=app.project_name,
-            input_sha256=input_sha256,
-            output_sha256=hashed.digest(),
-            output_size=len(signed),
-            key_versions=version_names,
-            signed_by=caller.identity,
-            created_at=now,
-        )
-        records = [
-            SignatureRecord(caller.identity, "sign-image", name, digest, release.name, now)
-            for name, digest in zip(version_names, digests, strict=True)
-        ]
-        stored = self._releases.record(release, signed, records)
+            release = Release(
+                product=product,
+                chip=app.chip.name,
+                version=app.version,
+                secure_version=app.secure_version,
+                project_name=app.project_name,
+                input_sha256=input_sha256,
+                output_sha256=hashed.digest(),
+                output_size=len(signed),
+                key_versions=version_names,
+                signed_by=caller.identity,
+                created_at=now,
+            )
+            unreleased = f"{release.name} (not released)"
+            records = [replace(record, subject=release.name) for record in made]
+            stored = self._releases.record(release, signed, records)
+        except Exception as refused:
+            self._record_unreleased(made, unreleased, refused)
+            raise
         if stored.output_sha256 != release.output_sha256:  # a concurrent identical request won the race
+            self._record_unreleased(made, f"{release.name} (not released: {stored.name} was)", None)
             return SignedImage(stored, reused=True)
         return SignedImage(stored, reused=False, data=signed)
+
+    def _record_unreleased(
+        self, made: Sequence[SignatureRecord], subject: str, refused: Exception | None
+    ) -> None:
+        """Append to the ``SignatureLog`` the key uses of signatures the HSM made for a release that was not
+        committed (so their records were not stored with it), with ``subject``. A failure to append is
+        logged, and does not replace ``refused``, the error the caller gets."""
+        for record in made:
+            try:
+                self._log.append(replace(record, subject=subject))
+            except KmsError as error:
+                _logger.error(
+                    "could not record the key use of %s for %s after %s: %s",
+                    record.key_version,
+                    subject,
+                    "a concurrent release" if refused is None else type(refused).__name__,
+                    error,
+                )
 
     def key_changed(self, key_id: str) -> None:
         """Drop cached state of a key this process just changed (wire to ``KeyLifecycle(changed=...)``)."""

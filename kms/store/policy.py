@@ -2,7 +2,11 @@
 and ``policy_drafts``, migration 10, see ``kms.store.database``).
 
 A proposed text is kept as a draft under its SHA-256, because an approval request holds only short strings:
-the request names the text by hash, and executing it installs exactly the text that was approved.
+the request names the text by hash, and executing it installs exactly the text that was approved. A draft
+is written when the text is proposed, before the approval request exists (the request may still be
+refused), so drafts that no request needs pile up: ``add_draft`` deletes those older than the retention the
+caller names (``kms.service.policy``: 30 days, or the approval TTL if longer), and proposing a text again
+dates its draft anew.
 ``install`` writes version n+1 only if n is still the newest version inside its ``BEGIN IMMEDIATE``
 transaction (and the primary key backs that up), so two approved changes racing each other cannot both
 build on the same version. ``latest_version`` is one indexed ``max()``, cheap enough for every server
@@ -50,11 +54,21 @@ class SqlitePolicyRepository:
             row = session.row("SELECT * FROM policy_versions ORDER BY version DESC LIMIT 1")
             return None if row is None else _from_row(row)
 
-    def add_draft(self, text: str, now: datetime) -> bytes:
+    def version(self, number: int) -> StoredPolicy | None:
+        with self._db.snapshot() as session:
+            row = session.row("SELECT * FROM policy_versions WHERE version = ?", [number])
+            return None if row is None else _from_row(row)
+
+    def add_draft(self, text: str, now: datetime, prune_before: datetime | None = None) -> bytes:
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         with self._db.transaction() as session:
+            if prune_before is not None:
+                session.execute(
+                    "DELETE FROM policy_drafts WHERE created_at < ?", [timestamp_text(prune_before)]
+                )
             session.execute(
-                "INSERT OR IGNORE INTO policy_drafts (sha256, text, created_at) VALUES (?, ?, ?)",
+                "INSERT INTO policy_drafts (sha256, text, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (sha256) DO UPDATE SET created_at = excluded.created_at",
                 [digest, text, timestamp_text(now)],
             )
         return digest

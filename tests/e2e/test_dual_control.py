@@ -152,7 +152,7 @@ def test_direct_scheduling_is_refused(kms_server: RunningKms) -> None:
             )
         )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    assert details == "needs dual control: use ApprovalService.RequestKeyVersionDestruction"
+    assert "needs dual control" in details and "kmsctl approvals request-destroy VERSION" in details
 
 
 def test_other_roles_are_refused(kms_server: RunningKms) -> None:
@@ -173,12 +173,13 @@ def test_kmsctl_approvals(kms_server: RunningKms, officers: object) -> None:
         "request-destroy",
         "dual-cli/versions/1",
         "--delay",
-        "3600",
+        "1h",
         "--json",
         role="security-officer-alice",
     )
     assert asked.returncode == 0, asked.stderr
     request_id = json.loads(asked.stdout)["id"]
+    assert json.loads(asked.stdout)["parameters"]["delay_seconds"] == "3600"
     own = kms_server.kmsctl("approvals", "approve", request_id, role="security-officer-alice")
     assert own.returncode != 0 and "cannot vote" in own.stderr
     for name in ("bob", "carol"):

@@ -203,6 +203,13 @@ def test_a_lowering_must_go_below_an_existing_floor(server: RunningKms, officers
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_product_without_keys_has_no_floor(server: RunningKms) -> None:
+    """Not an empty floor ("nothing signed yet") for a misspelt product: NOT_FOUND, as for its slots."""
+    code, details = _refused(lambda: _floor(server, "floor-z"))
+    assert code == grpc.StatusCode.NOT_FOUND and "product 'floor-z' has no keys" in details
+    assert _floor(server, "floor-c").product == "floor-c"  # a product with keys reads fine, signed or not
+
+
 def test_kmsctl_floor_show_and_lower(server: RunningKms, officers: Officers) -> None:
     product = "floor-d"
     _sign(server, product, 6)

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -58,7 +59,9 @@ def test_every_admin_method_is_for_security_officers_only() -> None:
         assert METHOD_ROLES[f"/{SERVICE.full_name}/{method.name}"] == frozenset({Role.SECURITY_OFFICER})
 
 
-def test_rotate_then_disable_a_digest_signing_key(officer: KeyAdminClient, build: KmsClient) -> None:
+def test_rotate_then_disable_a_digest_signing_key(
+    officer: KeyAdminClient, build: KmsClient, kms_server: RunningKms, tmp_path: Path
+) -> None:
     key = officer.create_key("officer-demo", "officer-artifacts", "digest-signing", "ecdsa-p256")
     name = key.name
     v1, v2 = f"{name}/versions/1", f"{name}/versions/2"
@@ -101,6 +104,26 @@ def test_rotate_then_disable_a_digest_signing_key(officer: KeyAdminClient, build
         (v1, TransitionEvent.DISABLED, OFFICER),
     ]
     assert (history[4].from_state, history[4].to_state) == (KeyVersionState.ENABLED, KeyVersionState.DISABLED)
+
+    # Each call's audit record names the product, the key and the version acted on, refused calls too.
+    exported = tmp_path / "audit.jsonl"
+    assert kms_server.kmsctl("audit", "export", "-o", str(exported)).returncode == 0
+    records = [json.loads(line) for line in exported.read_text().splitlines()]
+    calls = [
+        (r["operation"].rsplit("/", 1)[1], r["outcome"], r.get("product"), r.get("key_version"))
+        for r in records
+        if r["type"] == "record"
+        and r.get("resource") == name
+        and r["operation"].startswith(f"/{SERVICE.full_name}/")
+    ]
+    product = key.product
+    assert calls == [
+        ("CreateKey", "OK", product, v1),
+        ("RotateKey", "OK", product, v2),
+        ("UpdateKeyVersionState", "OK", product, v1),
+        ("ScheduleKeyVersionDestruction", "FAILED_PRECONDITION", product, v1),
+        ("ListKeyTransitions", "OK", product, ""),
+    ]
 
 
 @pytest.mark.parametrize("role", ["build-server", "auditor", "factory-registrar", "distribution-server"])

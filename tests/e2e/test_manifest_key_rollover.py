@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from kmsapi.v1 import devices_pb2, devices_pb2_grpc, keys_pb2, keys_pb2_grpc
+from kmsctl import FailedPreconditionError
 from kmsctl._admin import KeyAdminClient
 from kmsctl.device import DeviceModel, RolloverVerdict, Verdict, parse_statement, split_statements
 from tests.support.esp_images import build_app_image
@@ -255,3 +256,41 @@ def test_refusals_are_status_codes_a_person_can_act_on(server: RunningKms, tmp_p
     assert {r["product"] for r in calls} == {PRODUCT, "no-such-product"}
     assert any(r["outcome"] == "NOT_FOUND" and r["product"] == PRODUCT for r in calls)
     assert any(r["outcome"] == "OK" and r["key_version"] == response.current_version for r in calls)
+
+
+def test_the_primary_moves_forward_only_and_a_corrupt_statement_is_data_loss(server: RunningKms) -> None:
+    """The replay of a superseded statement cannot strand a device: no request moves the primary back (so
+    statements stay one chain). A statement corrupted in the store is DATA_LOSS, not the caller's error."""
+    with server.client("security-officer") as kms:
+        officer = KeyAdminClient(kms)
+        current = officer.rotate_key(MANIFEST_KEY).key_version  # at least versions 1 and 2, alone too
+        number = int(current.rsplit("/", 1)[1])
+        older = f"{MANIFEST_KEY}/versions/{number - 1}"
+        with pytest.raises(
+            FailedPreconditionError, match="a manifest key moves forward only: rotate instead"
+        ):
+            officer.set_primary_version(older)
+        with pytest.raises(FailedPreconditionError, match=f"devices may already trust version {number}"):
+            officer.disable_key_version(current, new_primary=older)
+        assert officer.rotate_key(MANIFEST_KEY).key.primary_version == f"{MANIFEST_KEY}/versions/{number + 1}"
+
+    v1_id = hashlib.sha256(_public_der(server, f"{MANIFEST_KEY}/versions/1")).digest()
+    chain = _rollover(server, v1_id).statements
+    assert [s.to_version for s in chain][-1] == f"{MANIFEST_KEY}/versions/{number + 1}"
+    select = "SELECT statement FROM manifest_key_rollovers WHERE key_id = ? AND to_version = 2"
+    update = "UPDATE manifest_key_rollovers SET statement = ? WHERE key_id = ? AND to_version = 2"
+    key_id = MANIFEST_KEY.removeprefix("keys/")
+    with sqlite3.connect(server.state_dir / "kms.db") as db:
+        (original,) = db.execute(select, [key_id]).fetchone()
+        db.execute(update, [original[:-1], key_id])  # one byte short: no longer a statement
+    try:
+        with pytest.raises(grpc.RpcError) as corrupt:
+            _rollover(server, v1_id)
+        assert corrupt.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "rollover statement introducing keys/roll-manifest/versions/2 is corrupt" in (
+            corrupt.value.details() or ""
+        )
+    finally:
+        with sqlite3.connect(server.state_dir / "kms.db") as db:
+            db.execute(update, [original, key_id])
+    assert [s.statement for s in _rollover(server, v1_id).statements] == [s.statement for s in chain]

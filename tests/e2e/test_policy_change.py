@@ -4,13 +4,17 @@ database (SoftHSM2, SQLite, gRPC over mTLS), and ``kmsctl policy`` as a subproce
 The servers start without a ``[policy]`` file: every identity acts for every product. Officers alice, bob and
 carol (``tests.support.officers``) request, approve and execute a policy that scopes the development build
 server to product ``pol-a``; both processes must refuse it product ``pol-b`` within about a second, without
-a restart.
+a restart. Last, ``kms policy reset`` (break glass, a subprocess on the same database) installs "no policy"
+and then a ``[policy]`` file, and both processes apply each within about a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pwd
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,9 +23,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kms.store.database import Database
 from kmsapi.v1 import approvals_pb2, approvals_pb2_grpc, policy_pb2, policy_pb2_grpc
 from kmsctl import PermissionDeniedError
-from tests.support.kms_server import KeySpec, RunningKms, init_state, running_kms
+from tests.support.kms_server import KMS, KeySpec, RunningKms, init_state, run_kms, running_kms
 from tests.support.officers import issue_officers, officer_channel
 
 A, B = "pol-a", "pol-b"
@@ -54,10 +59,14 @@ def _officers(server: RunningKms, *names: str) -> Iterator[list[approvals_pb2_gr
         yield [approvals_pb2_grpc.ApprovalServiceStub(channel) for channel in channels]
 
 
-def _policy(server: RunningKms, identity: str = "auditor") -> policy_pb2.AuthorizationPolicy:
+def _policy(
+    server: RunningKms, identity: str = "auditor", *, draft_sha256: bytes = b""
+) -> policy_pb2.AuthorizationPolicy:
+    """The policy in force, or with ``draft_sha256`` the one proposed under that SHA-256."""
     with officer_channel(server, identity) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
-        return stub.GetAuthorizationPolicy(policy_pb2.GetAuthorizationPolicyRequest(), timeout=30)
+        request = policy_pb2.GetAuthorizationPolicyRequest(draft_sha256=draft_sha256)
+        return stub.GetAuthorizationPolicy(request, timeout=30)
 
 
 def _signs(server: RunningKms, product: str) -> bool:
@@ -75,6 +84,17 @@ def _propose(stub: approvals_pb2_grpc.ApprovalServiceStub, text: str) -> approva
     request = approvals_pb2.RequestPolicyChangeRequest(policy_toml=text)
     response: approvals_pb2.ApprovalRequest = stub.RequestPolicyChange(request, timeout=30)
     return response
+
+
+def _applied_everywhere(servers: tuple[RunningKms, RunningKms], signs_b: bool) -> float:
+    """Seconds until both servers let the build server sign for ``B`` (or refuse it), at most 5."""
+    start = time.monotonic()
+    pending = {server.port for server in servers}
+    while pending and time.monotonic() - start < 5:
+        pending = {s.port for s in servers if s.port in pending and _signs(s, B) != signs_b}
+        time.sleep(0.05)
+    assert not pending, f"a server does not apply the change {time.monotonic() - start:.1f} s after it"
+    return time.monotonic() - start
 
 
 def _refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
@@ -99,15 +119,21 @@ def test_a_policy_change_applies_in_every_process_within_a_second(
             "base_version": "0",
             "base_sha256": hashlib.sha256(b"").hexdigest(),
         }
-        rival = _propose(bob, SCOPED + "# a rival change of version 0\n")
+        # Before voting, another officer reads what the request installs, by the hash it names, from
+        # either process.
+        named = bytes.fromhex(request.parameters["policy_sha256"])
+        for server in servers:
+            draft = _policy(server, "security-officer-bob", draft_sha256=named)
+            assert (draft.draft, draft.toml, draft.sha256, draft.version) == (True, SCOPED, named, 0)
+            assert not draft.updated_by and not draft.HasField("update_time")
+        code, details = _refusal(lambda: _propose(bob, SCOPED + "# a rival change of version 0\n"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "pending already" in details  # one at a time
         code, details = _refusal(
             lambda: alice.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=request.id))
         )
         assert code == grpc.StatusCode.PERMISSION_DENIED and "cannot vote" in details
         for officer in (bob, carol):
             officer.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=request.id), timeout=30)
-        for officer in (alice, carol):
-            officer.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=rival.id), timeout=30)
 
         executed = alice.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=request.id), timeout=30)
         applied_from = time.monotonic()
@@ -133,10 +159,21 @@ def test_a_policy_change_applies_in_every_process_within_a_second(
             assert policy.sha256 == hashlib.sha256(SCOPED.encode()).digest()
             assert policy.HasField("update_time")
 
-        # The rival was approved against version 0, which is no longer in force.
-        code, details = _refusal(lambda: bob.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=rival.id)))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION and "changed since the request" in details
-        assert _policy(second).version == 1
+
+@pytest.mark.parametrize(
+    ("draft_sha256", "status", "message"),
+    [
+        (hashlib.sha256(b"never proposed").digest(), grpc.StatusCode.NOT_FOUND, "no proposed policy"),
+        (hashlib.sha256(SCOPED.encode()).digest()[:31], grpc.StatusCode.INVALID_ARGUMENT, "32 bytes, not 31"),
+        (hashlib.sha512(SCOPED.encode()).digest(), grpc.StatusCode.INVALID_ARGUMENT, "32 bytes, not 64"),
+    ],
+    ids=["unknown", "short", "sha512"],
+)
+def test_a_draft_is_read_only_by_its_exact_sha256(
+    servers: tuple[RunningKms, RunningKms], draft_sha256: bytes, status: grpc.StatusCode, message: str
+) -> None:
+    code, details = _refusal(lambda: _policy(servers[0], "security-officer-bob", draft_sha256=draft_sha256))
+    assert code == status and message in details
 
 
 @pytest.mark.parametrize(
@@ -184,9 +221,30 @@ def test_kmsctl_policy_show_and_propose(servers: tuple[RunningKms, RunningKms], 
     try:
         listed = server.kmsctl("approvals", "list", "--json", role="security-officer-bob")
         assert request["id"] in {r["id"] for r in json.loads(listed.stdout)["requests"]}
+        read_it = f"kmsctl policy show --draft {digest}"
+        listed = server.kmsctl("approvals", "list", role="security-officer-bob")
+        assert (
+            f"{request['id']} pending:" in listed.stdout and f"  proposed policy: {read_it}" in listed.stdout
+        )
+        draft = server.kmsctl("policy", "show", "--draft", digest, "--quiet", role="security-officer-bob")
+        assert draft.returncode == 0, draft.stderr
+        assert draft.stdout == proposal.read_text(encoding="utf-8")  # exactly the file alice proposed
+        as_json = server.kmsctl("policy", "show", "--draft", digest, "--json", role="auditor")
+        assert json.loads(as_json.stdout) == {"draft": True, "toml": draft.stdout, "sha256": digest}
+        malformed = server.kmsctl("policy", "show", "--draft", digest[:-2], role="security-officer-bob")
+        assert malformed.returncode == 3 and "--draft expects 64 hex digits" in malformed.stderr
+
+        # One open policy change at a time: carol's proposal waits until alice withdraws hers.
+        again = server.kmsctl("policy", "propose", str(proposal), role="security-officer-carol")
+        assert again.returncode == 5 and "pending already" in again.stderr
+        withdrawn = server.kmsctl(
+            "approvals", "reject", request["id"], "--reason", "carol's", role="security-officer-alice"
+        )
+        assert withdrawn.returncode == 0, withdrawn.stderr
         people = server.kmsctl("policy", "propose", str(proposal), role="security-officer-carol")
         assert people.returncode == 0, people.stderr
         assert digest in people.stdout and "kmsctl approvals approve" in people.stdout
+        assert read_it in people.stdout
     finally:  # none of these requests may ever be executed
         pending = server.kmsctl(
             "approvals", "list", "--state", "pending", "--json", role="security-officer-bob"
@@ -202,3 +260,65 @@ def test_kmsctl_policy_show_and_propose(servers: tuple[RunningKms, RunningKms], 
     refused = server.kmsctl("policy", "propose", str(bad), role="security-officer-alice")
     assert refused.returncode != 0 and "not valid TOML" in refused.stderr
     assert _policy(server).version == in_force.version  # nothing was installed
+
+
+def test_kms_policy_reset_breaks_glass_on_the_server_host(servers: tuple[RunningKms, RunningKms]) -> None:
+    first, second = servers
+    before = _policy(first).version
+    operator = f"local:{pwd.getpwuid(os.getuid()).pw_name}"
+    with _officers(first, "alice", "bob", "carol") as (alice, bob, carol):  # approved, not yet executed
+        approved = _propose(alice, SCOPED + "# approved before the reset\n")
+        for officer in (bob, carol):
+            officer.ApproveRequest(approvals_pb2.ApproveRequestRequest(id=approved.id), timeout=30)
+
+        reset = run_kms("policy", "reset", "--config", str(first.config), "--reason", "officers locked out")
+        assert f"installed authorization policy version {before + 1}: no policy" in reset.stdout
+        assert _applied_everywhere(servers, signs_b=True) < 2.5
+        # The approvers judged a change of the version the reset replaced: it is no longer executable.
+        code, details = _refusal(
+            lambda: alice.ExecuteRequest(approvals_pb2.ExecuteRequestRequest(id=approved.id))
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "changed since the request" in details
+    for server in servers:
+        policy = _policy(server)
+        assert (policy.version, policy.updated_by, policy.update_request) == (
+            before + 1,
+            operator,
+            "break-glass",
+        )
+        header, body = policy.toml.split("\n", 1)
+        assert header.startswith("# break-glass: installed by 'kms policy reset' (" + operator)
+        assert header.endswith(": officers locked out") and body == 'default = "all"\n'
+    with Database.open(first.state_dir / "kms.db") as db, db.snapshot() as session:
+        audited = session.rows(
+            "SELECT caller, product, resource, outcome FROM audit_records WHERE operation = ?",
+            ["kms policy reset"],
+        )
+    assert [
+        (r.text("caller"), r.text("product"), r.text("resource"), r.text("outcome")) for r in audited
+    ] == [(operator, "kms", "authorization-policy", "OK")]
+
+    # With a [policy] file, that file is what comes back.
+    (first.state_dir / "reset-policy.toml").write_text(SCOPED, encoding="utf-8")
+    config = first.state_dir / "kms-with-policy.toml"
+    config.write_text(
+        first.config.read_text(encoding="utf-8") + '\n[policy]\nfile = "reset-policy.toml"\n',
+        encoding="utf-8",
+    )
+    made = json.loads(
+        run_kms("policy", "reset", "--config", str(config), "--reason", "restore", "--json").stdout
+    )
+    assert made["version"] == before + 2 and made["approval_id"] == "break-glass" and made["lockout"] is None
+    assert made["policy_file"] == str(first.state_dir / "reset-policy.toml")
+    assert _applied_everywhere(servers, signs_b=False) < 2.5
+    assert _policy(second).toml.endswith("\n" + SCOPED)
+
+    refused = subprocess.run(
+        [*KMS, "policy", "reset", "--config", str(config), "--reason", " "],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 3 and "needs a reason" in refused.stderr
+    assert _policy(first).version == before + 2

@@ -1,15 +1,17 @@
 """Key version lifecycle as a Hypothesis state machine against SoftHSM2 and a real SQLite file.
 
-Rules create keys (digest-signing and OTA-manifest ECDSA P-256 keys, AES-256 KEKs), rotate them, disable,
-enable, schedule and cancel destruction, move the clock, destroy what is due, rotate on schedule, sign
-digests through ``SigningService.sign_digest``, and wrap and unwrap device secrets with KEK versions behind
-``require_enabled`` (the guard the registry and distribution use cases call). After every step:
+Rules create keys (digest-signing and OTA-manifest ECDSA P-256 keys, AES-256 KEKs), rotate them, set
+primaries, disable, enable, schedule and cancel destruction, move the clock, destroy what is due, rotate on
+schedule, sign digests through ``SigningService.sign_digest``, and wrap and unwrap device secrets with KEK
+versions behind ``require_enabled`` (the guard the registry and distribution use cases call). After every
+step:
 
 - a signature, wrap or unwrap succeeded only with an enabled version (and a signature only with a key that
   signs digests); it was refused otherwise;
 - every destroyed version's material is gone from the HSM: using its ``hsm_id`` directly raises
   ``HsmFailure``;
-- every key has one primary, enabled whenever any version is enabled;
+- every key has one primary, enabled whenever any version is enabled, and an OTA manifest key's primary
+  never moves to an older version;
 - the transition records replay to the stored states and primary (every transition was recorded);
 - a refused request changed nothing.
 
@@ -200,15 +202,25 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @staticmethod
     def allowed(managed: ManagedKey, number: int, target: KeyVersionState, new_primary: int | None) -> bool:
-        """The documented rules, restated: the table, and the primary keeps serving while others could."""
+        """The documented rules, restated: the table, the primary keeps serving while others could, and an
+        OTA manifest key's primary never becomes an older version (its rollover statements stay one chain).
+        """
         state = managed.version(number).state
-        if state is target:
+        primary = managed.key.primary_version
+        if state is target and new_primary in (None, primary):
             return True
-        if (state, target) not in EXPECTED_TABLE:
+        if state is not target and (state, target) not in EXPECTED_TABLE:
             return False
         others_enabled = [n for n in managed.enabled_versions if n != number]
-        leaving = number == managed.key.primary_version and target is not ENABLED
-        return not (leaving and others_enabled and new_primary is None)
+        leaving = number == primary and target is not ENABLED
+        if leaving and others_enabled and new_primary is None:
+            return False
+        after = primary
+        if new_primary is not None:
+            after = new_primary
+        elif target is ENABLED and managed.version(primary).state is not ENABLED:
+            after = number  # enabling a version of a key without an enabled primary makes it primary
+        return not (managed.key.purpose is KeyPurpose.OTA_MANIFEST and after < primary)
 
     def leave_enabled(
         self, data: st.DataObject, name: str, target: KeyVersionState, request: Request
@@ -290,6 +302,19 @@ class LifecycleMachine(RuleBasedStateMachine):
         managed, version = self.managed(name)
         if version.state is ENABLED:
             assert managed.version(managed.key.primary_version).state is ENABLED
+
+    @rule(data=st.data())
+    def set_primary(self, data: st.DataObject) -> None:
+        name = self.pick(data)
+        managed, version = self.managed(name)
+        self.attempt(
+            name,
+            version.state is ENABLED and self.allowed(managed, version.version, ENABLED, version.version),
+            lambda: self.lifecycle.set_primary(OFFICER, name),
+        )
+        after, _ = self.managed(name)
+        if managed.key.purpose is KeyPurpose.OTA_MANIFEST:
+            assert after.key.primary_version >= managed.key.primary_version
 
     @rule(
         data=st.data(), delay=st.sampled_from([timedelta(hours=1), timedelta(hours=24), timedelta(hours=48)])
@@ -410,6 +435,13 @@ class LifecycleMachine(RuleBasedStateMachine):
                     primary = record.version
             assert replayed == states
             assert primary == key.primary_version
+            if key.purpose is KeyPurpose.OTA_MANIFEST:
+                made = [
+                    r.version
+                    for r in self.keys.list_transitions(key.key_id)
+                    if r.event is LifecycleEvent.MADE_PRIMARY
+                ]
+                assert made == sorted(made), f"the primary of {key.name} moved back: {made}"
 
     @invariant()
     def destroyed_material_is_gone(self) -> None:

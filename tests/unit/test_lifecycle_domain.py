@@ -50,9 +50,12 @@ def make_key(
 
 
 def managed(
-    *states: KeyVersionState, primary: int = 1, rotation: RotationSchedule | None = None
+    *states: KeyVersionState,
+    primary: int = 1,
+    rotation: RotationSchedule | None = None,
+    purpose: KeyPurpose = KeyPurpose.DIGEST_SIGNING,
 ) -> ManagedKey:
-    key = make_key(*states, primary=primary)
+    key = make_key(*states, primary=primary, purpose=purpose)
     due = {v.version: DUE for v in key.versions if v.state is SCHEDULED}
     return ManagedKey(key, due, rotation)
 
@@ -238,6 +241,63 @@ def test_set_primary() -> None:
         lifecycle.set_primary(key, 3, ALICE, T0)
 
 
+MANIFEST = KeyPurpose.OTA_MANIFEST
+BACKWARDS = (
+    "devices may already trust version 3 through its rollover statement; a manifest key moves forward only"
+)
+
+
+def test_a_manifest_key_refuses_set_primary_to_an_older_version() -> None:
+    key = managed(ENABLED, ENABLED, ENABLED, primary=3, purpose=MANIFEST)
+    for older in (1, 2):
+        with pytest.raises(
+            FailedPrecondition, match=f"versions/{older} cannot become the primary.*{BACKWARDS}"
+        ):
+            lifecycle.set_primary(key, older, ALICE, T0)
+    assert lifecycle.set_primary(key, 3, ALICE, T0).is_empty
+    # the same request on any other key is allowed: the rule is the manifest key's alone
+    assert lifecycle.set_primary(managed(ENABLED, ENABLED, ENABLED, primary=3), 1, ALICE, T0).primary == 1
+
+
+@pytest.mark.parametrize("target", [DISABLED, SCHEDULED])
+def test_a_manifest_key_refuses_an_older_successor_when_the_primary_leaves(target: KeyVersionState) -> None:
+    key = managed(ENABLED, ENABLED, ENABLED, primary=3, purpose=MANIFEST)
+    with pytest.raises(FailedPrecondition, match=BACKWARDS):
+        lifecycle.transition(key, 3, target, ALICE, T0, new_primary=2)
+    with pytest.raises(FailedPrecondition, match=BACKWARDS):
+        lifecycle.schedule_destroy(key, 3, ALICE, T0, new_primary=1)
+    # another version may leave while the primary stays; naming the primary itself is no change of it
+    change = lifecycle.transition(key, 1, target, ALICE, T0, new_primary=3)
+    event = LifecycleEvent.DISABLED if target is DISABLED else LifecycleEvent.DESTROY_SCHEDULED
+    assert change.primary == 3 and [t.event for t in change.transitions] == [event]
+
+
+def test_a_manifest_key_refuses_enabling_an_older_version_while_its_primary_is_not_enabled() -> None:
+    for primary_state in (DISABLED, SCHEDULED, DESTROYED):
+        key = managed(DISABLED, DISABLED, primary_state, primary=3, purpose=MANIFEST)
+        with pytest.raises(FailedPrecondition, match=BACKWARDS):
+            lifecycle.transition(key, 1, ENABLED, ALICE, T0)
+        with pytest.raises(FailedPrecondition, match=BACKWARDS):
+            lifecycle.transition(key, 2, ENABLED, ALICE, T0)
+    change = lifecycle.transition(
+        managed(DISABLED, DISABLED, DISABLED, primary=3, purpose=MANIFEST), 3, ENABLED, ALICE, T0
+    )
+    assert change.primary == 3
+    rotated = lifecycle.rotate(
+        managed(DISABLED, DISABLED, DESTROYED, primary=3, purpose=MANIFEST), b"h", b"", ALICE, T0
+    )
+    assert rotated.primary == 4, "rotation is the way forward"
+
+
+def test_a_manifest_key_primary_may_move_forward() -> None:
+    """Only a primary left behind by data written before the rule can be below another enabled version."""
+    key = managed(ENABLED, ENABLED, ENABLED, primary=1, purpose=MANIFEST)
+    assert lifecycle.set_primary(key, 3, ALICE, T0).primary == 3
+    assert lifecycle.transition(key, 1, DISABLED, ALICE, T0, new_primary=2).primary == 2
+    disabled = managed(DISABLED, DISABLED, primary=1, purpose=MANIFEST)
+    assert lifecycle.transition(disabled, 2, ENABLED, ALICE, T0).primary == 2
+
+
 def test_check_primary() -> None:
     lifecycle.check_primary({1: ENABLED, 2: DISABLED}, 1)
     lifecycle.check_primary({1: DESTROYED, 2: DISABLED}, 1)
@@ -320,11 +380,11 @@ REQUESTS = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(REQUESTS)
+@given(REQUESTS, st.sampled_from([KeyPurpose.DIGEST_SIGNING, KeyPurpose.OTA_MANIFEST]))
 def test_any_sequence_of_requests_keeps_a_valid_key(
-    requests: list[tuple[str, int, KeyVersionState, int | None, int]],
+    requests: list[tuple[str, int, KeyVersionState, int | None, int]], purpose: KeyPurpose
 ) -> None:
-    key = managed(ENABLED)
+    key = managed(ENABLED, purpose=purpose)
     now = T0
     for index, (operation, number, target, new_primary, days) in enumerate(requests):
         now += timedelta(days=days)
@@ -346,3 +406,5 @@ def test_any_sequence_of_requests_keeps_a_valid_key(
             assert new is old.state or new in TRANSITIONS[old.state]
         for record in change.transitions:
             assert record.actor == ALICE and record.at == now
+        if purpose is KeyPurpose.OTA_MANIFEST:
+            assert key.key.primary_version >= before.key.primary_version, "a manifest key moved back"

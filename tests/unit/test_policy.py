@@ -384,7 +384,10 @@ class _PolicyStore:
     def latest(self) -> StoredPolicy | None:
         return self.versions[-1] if self.versions else None
 
-    def add_draft(self, text: str, now: datetime) -> bytes:
+    def version(self, number: int) -> StoredPolicy | None:
+        return self.versions[number - 1] if 0 < number <= len(self.versions) else None
+
+    def add_draft(self, text: str, now: datetime, prune_before: datetime | None = None) -> bytes:
         digest = StoredPolicy(0, text).sha256
         self.drafts[digest] = text
         return digest

@@ -5,8 +5,9 @@ policy in force (``kms.server.auth``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, datetime
+import logging
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from kms.domain.policy import (
 from kms.server import auth
 from kms.server.policy_servicers import ChangePolicy, policy_pb
 from kms.service.approvals import DualControl
-from kms.service.policy import AuthorizationPolicies, proposal_from
+from kms.service.policy import BREAK_GLASS, NO_POLICY_TEXT, AuthorizationPolicies, proposal_from
 from kms.store.approvals import SqliteApprovalRepository
 from kms.store.database import Database
 from kms.store.policy import SqlitePolicyRepository
@@ -121,6 +122,119 @@ def test_policies_that_lock_the_officers_out_are_refused(text: str, accepted: bo
     else:
         with pytest.raises(InvalidArgument, match="lock the security officers out"):
             require_officer_access(policy, 3)
+
+
+def _identities(default: str, *rules: tuple[str, str]) -> str:
+    lines = "".join(f'"spiffe://{pattern}" = {products}\n' for pattern, products in rules)
+    return f'default = "{default}"\n[identities]\n{lines}'
+
+
+EVERY = '"*"'
+THERMOSTAT = '["thermostat"]'
+TD = "kms.example.com"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # The review's reproduction: the longer officer pattern wins over the broad "*".
+        (
+            _identities("none", (f"{TD}/*", EVERY), (f"{TD}/security-officer/*", THERMOSTAT)),
+            "security-officer/<unnamed> acts for 'thermostat'",
+        ),
+        # Exact names win over the officers' "*" pattern: every officer the policy knows of is scoped.
+        (
+            _identities(
+                "none",
+                (f"{TD}/security-officer/*", EVERY),
+                *((f"{TD}/security-officer/{n}", THERMOSTAT) for n in ("alice", "bob", "carol")),
+            ),
+            "scopes 3 officers by name",
+        ),
+        # Two of the five it names keep every product: not enough, whatever the default grants.
+        (
+            _identities(
+                "all",
+                *((f"{TD}/security-officer/{n}", EVERY) for n in ("bob", "carol")),
+                *((f"{TD}/security-officer/{n}", THERMOSTAT) for n in ("alice", "dave", "erin")),
+            ),
+            "only 2 officer identities named exactly act",
+        ),
+        # default = "all" does not reach the officers a pattern covers.
+        (
+            _identities("all", (f"{TD}/*", THERMOSTAT), (f"{TD}/build-server/*", EVERY)),
+            "security-officer/<unnamed> acts for 'thermostat'",
+        ),
+        # An officer pattern deeper than the role covers only that team; the others get no product.
+        (
+            _identities("none", (f"{TD}/security-officer/team/*", THERMOSTAT)),
+            "no product",
+        ),
+        # An exact "*" identity under a pattern that scopes the rest: one officer is not three.
+        (
+            _identities(
+                "none", (f"{TD}/security-officer/*", THERMOSTAT), (f"{TD}/security-officer/a", EVERY)
+            ),
+            "1 officer identity named exactly acts",
+        ),
+    ],
+)
+def test_a_policy_is_judged_by_what_its_resolution_gives_officers(text: str, reason: str) -> None:
+    policy = parse_policy_text(text)
+    with pytest.raises(InvalidArgument, match="lock the security officers out") as refused:
+        require_officer_access(policy, 3)
+    assert reason in str(refused.value)
+    # The refusal is right: alice, like every officer the policy names or scopes, is not unscoped.
+    assert policy.scope_of(f"spiffe://{TD}/security-officer/alice") is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A product-specific officer (a contractor, say) among officers who keep every product.
+        _identities("none", (f"{TD}/security-officer/*", EVERY), (f"{TD}/security-officer/ext", THERMOSTAT)),
+        # default = "all" with one officer scoped: the officers no rule names keep every product.
+        _identities("all", (f"{TD}/security-officer/alice", THERMOSTAT)),
+        # A broad pattern scoped, the officers' own pattern unscoped: the longer one wins, for the officers.
+        _identities("none", (f"{TD}/*", THERMOSTAT), (f"{TD}/security-officer/*", EVERY)),
+        # Officers scoped by pattern, but three named officers keep every product.
+        _identities(
+            "none",
+            (f"{TD}/security-officer/*", THERMOSTAT),
+            *((f"{TD}/security-officer/{n}", EVERY) for n in ("alice", "bob", "carol")),
+        ),
+        # A team of officers under a deeper pattern keeps every product.
+        _identities(
+            "none", (f"{TD}/security-officer/*", THERMOSTAT), (f"{TD}/security-officer/sec/*", EVERY)
+        ),
+        _identities("none", (f"{TD}/security-officer/sec/*", EVERY)),
+        # Officers of one trust domain scoped, those of another not.
+        _identities("none", ("old.example.com/*", THERMOSTAT), (f"{TD}/security-officer/*", EVERY)),
+        # Even a rule spelling the synthetic identity does not fool the guard into counting it.
+        _identities(
+            "none",
+            (f"{TD}/security-officer/*", EVERY),
+            (f"{TD}/security-officer/(an officer no rule names)", THERMOSTAT),
+        ),
+    ],
+)
+def test_policies_that_leave_officers_with_every_product_are_accepted(text: str) -> None:
+    require_officer_access(parse_policy_text(text), 3)
+
+
+def test_the_guard_counts_the_officers_a_change_needs() -> None:
+    two = _identities("none", *((f"{TD}/security-officer/{n}", EVERY) for n in ("alice", "bob")))
+    require_officer_access(parse_policy_text(two), 2)
+    with pytest.raises(InvalidArgument, match="needs 3 officers"):
+        require_officer_access(parse_policy_text(two), 3)
+    scoped_pair = _identities(
+        "none",
+        (f"{TD}/security-officer/*", EVERY),
+        *((f"{TD}/security-officer/{n}", THERMOSTAT) for n in ("alice", "bob")),
+    )
+    require_officer_access(parse_policy_text(scoped_pair), 3)  # fewer scoped by name than a change needs
+    with pytest.raises(InvalidArgument, match="scopes 2 officers by name"):
+        require_officer_access(parse_policy_text(scoped_pair), 2)
 
 
 # -- proposing and installing ----------------------------------------------------------------------------
@@ -223,6 +337,146 @@ def test_current_reads_the_version_number_each_ttl_and_the_text_only_when_it_cha
         assert reader.current().scope_of(build) == frozenset({"p-a"})
     assert Counting.latest_calls == loads + 1  # unchanged number: the text is not read again
     assert writer.current().scope_of(build) == frozenset({"p-a"})  # the installer applies it at once
+
+
+def test_a_refresh_begun_before_an_install_does_not_keep_the_old_policy(db: Database) -> None:
+    """The installing process applies its change at once even when a refresh read the version number just
+    before the install committed: ``forget()`` makes that refresh drop what it read."""
+
+    class InstallsMidRefresh(SqlitePolicyRepository):
+        during_next_read: Callable[[], object] | None = None
+
+        def latest_version(self) -> int:
+            version = super().latest_version()  # read before the install below commits
+            hook, self.during_next_read = self.during_next_read, None
+            if hook is not None:
+                hook()
+            return version
+
+    store = InstallsMidRefresh(db)
+    ticks = Ticks()
+    policies = AuthorizationPolicies(store, FILE, ttl=1.0, clock=lambda: T0, monotonic=ticks)
+    build = "spiffe://kms.dev/build-server/dev"
+    assert policies.current().scope_of(build) is None
+    proposal = policies.propose(ALICE, SCOPED)
+    ticks.now += 1.1
+    store.during_next_read = lambda: policies.install(BOB, proposal, "req-1")
+    assert policies.current().scope_of(build) is None  # this call began before the install: the old policy
+    assert store.during_next_read is None  # the install ran inside that refresh
+    assert policies.current().scope_of(build) == frozenset({"p-a"})  # no tick later: the new one at once
+
+
+UNPARSABLE = 'default = "some"\n'  # what this parser refuses (a newer format, say)
+
+
+def _install_raw(db: Database, version: int, text: str) -> None:
+    """Store a version as another server release might have, without this release's checks."""
+    SqlitePolicyRepository(db).install(StoredPolicy(version, text, T0, CAROL.identity, f"req-{version}"))
+
+
+def test_a_version_this_server_cannot_parse_leaves_the_last_one_it_can_in_force(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    ticks = Ticks()
+    policies = AuthorizationPolicies(SqlitePolicyRepository(db), FILE, clock=lambda: T0, monotonic=ticks)
+    build = "spiffe://kms.dev/build-server/dev"
+    policies.install(ALICE, policies.propose(ALICE, SCOPED), "req-1")
+    assert policies.current().scope_of(build) == frozenset({"p-a"})
+    _install_raw(db, 2, UNPARSABLE)
+    with caplog.at_level(logging.ERROR, logger="kms.policy"):
+        for _ in range(3):
+            ticks.now += 1.1
+            assert policies.current().scope_of(build) == frozenset({"p-a"})  # version 1 still applies
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors  # once per version, not once a second
+    assert "version 2 cannot be applied" in errors[0] and "version 1, the newest that it can" in errors[0]
+    assert policies.in_force().version == 2  # what GetAuthorizationPolicy shows is still the newest
+
+    restarted = AuthorizationPolicies(SqlitePolicyRepository(db), "", clock=lambda: T0)
+    assert restarted.current().scope_of(build) == frozenset({"p-a"})  # a new process agrees
+
+    _install_raw(db, 3, SCOPED.replace('["p-a"]', '["p-b"]'))  # a readable version applies again
+    ticks.now += 1.1
+    assert policies.current().scope_of(build) == frozenset({"p-b"})
+
+
+def test_with_no_readable_version_the_file_applies_and_never_no_policy(tmp_path: Path) -> None:
+    build = "spiffe://kms.dev/build-server/dev"
+    with Database.open(tmp_path / "kms.db") as database:
+        _install_raw(database, 1, UNPARSABLE)
+        with_file = AuthorizationPolicies(SqlitePolicyRepository(database), SCOPED, clock=lambda: T0)
+        assert with_file.current().scope_of(build) == frozenset({"p-a"})
+        without = AuthorizationPolicies(SqlitePolicyRepository(database), "", clock=lambda: T0)
+        with pytest.raises(FailedPrecondition, match="kms policy reset"):
+            without.current()  # not UNSCOPED: an unreadable policy must not open everything
+
+
+def test_drafts_are_pruned_after_the_retention_when_a_new_one_is_added(db: Database) -> None:
+    store = SqlitePolicyRepository(db)
+    old, again, new = (store.add_draft(text, T0) for text in ("# old\n", "# again\n", "# new\n"))
+    store.add_draft("# again\n", T0 + timedelta(days=20))  # proposed again: dated anew
+    store.add_draft("# newest\n", T0 + timedelta(days=31), prune_before=T0 + timedelta(days=1))
+    with pytest.raises(NotFound):
+        store.draft(old)
+    with pytest.raises(NotFound):
+        store.draft(new)
+    assert store.draft(again) == "# again\n"
+
+    now = [T0]
+    policies = AuthorizationPolicies(SqlitePolicyRepository(db), FILE, clock=lambda: now[0])
+    kept = policies.propose(ALICE, SCOPED)
+    now[0] = T0 + timedelta(days=29)
+    policies.propose(ALICE, SCOPED + "# 2\n")
+    assert policies.draft(kept.sha256) == SCOPED  # within 30 days
+    now[0] = T0 + timedelta(days=31)
+    policies.propose(ALICE, SCOPED + "# 3\n")
+    with pytest.raises(NotFound):
+        policies.draft(kept.sha256)
+
+    long_lived = AuthorizationPolicies(
+        SqlitePolicyRepository(db), FILE, request_ttl=timedelta(days=60), clock=lambda: now[0]
+    )
+    kept = long_lived.propose(ALICE, SCOPED)
+    now[0] += timedelta(days=45)
+    long_lived.propose(ALICE, SCOPED + "# 4\n")
+    assert long_lived.draft(kept.sha256) == SCOPED  # a request may live 60 days: so does its draft
+
+
+# -- break glass -----------------------------------------------------------------------------------------
+
+
+def test_reset_installs_the_file_without_dual_control_and_applies_at_once(db: Database) -> None:
+    ticks = Ticks()
+    policies = AuthorizationPolicies(SqlitePolicyRepository(db), SCOPED, clock=lambda: T0, monotonic=ticks)
+    policies.install(ALICE, policies.propose(ALICE, FILE), "r1")  # unscoped, replacing the file
+    build = "spiffe://kms.dev/build-server/dev"
+    assert policies.current().scope_of(build) is None
+    reset = policies.reset("local:root", "officers\nlocked out\x1b[2J  by v1")
+    installed = reset.installed
+    assert (installed.version, installed.created_by, installed.approval_id) == (2, "local:root", BREAK_GLASS)
+    header, body = installed.text.split("\n", 1)
+    assert header == (
+        "# break-glass: installed by 'kms policy reset' (local:root, 2026-01-01T12:00:00+00:00): "
+        "officers locked out [2J by v1"  # one comment line: no control characters survive
+    )
+    assert body == SCOPED and reset.lockout is None
+    assert policies.in_force() == installed
+    assert policies.current().scope_of(build) == frozenset({"p-a"})  # no tick later: at once
+    assert policy_pb(installed).update_request == BREAK_GLASS  # names no approval request
+
+    bare = AuthorizationPolicies(SqlitePolicyRepository(db), "", clock=lambda: T0)
+    reset = bare.reset("local:ops", "undo")
+    assert reset.installed.version == 3 and reset.installed.text.endswith("\n" + NO_POLICY_TEXT)
+    assert bare.current().scope_of(build) is None and reset.lockout is None
+    with pytest.raises(InvalidArgument, match="needs a reason"):
+        bare.reset("local:ops", " \n\t")
+    assert bare.in_force().version == 3
+
+
+def test_reset_installs_a_file_that_fails_the_guard_and_says_so(db: Database) -> None:
+    reset = AuthorizationPolicies(SqlitePolicyRepository(db), LOCKOUT, clock=lambda: T0).reset("local:a", "x")
+    assert reset.installed.version == 1 and reset.installed.text.endswith("\n" + LOCKOUT)
+    assert reset.lockout is not None and "lock the security officers out" in reset.lockout
 
 
 # -- the act, through dual control -----------------------------------------------------------------------

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kms.domain.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from kms.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from kms.domain.identity import Caller, Role
+from kms.domain.keys import Algorithm, KeyPurpose
 from kms.domain.releases import (
     FloorLowering,
     Release,
@@ -22,10 +23,13 @@ from kms.domain.releases import (
     check_floor_unmoved,
     check_lowering,
 )
+from kms.service.keys import KeyAdministration
 from kms.service.rollback import RollbackFloors
 from kms.store.blobs import BlobStore
 from kms.store.database import Database
+from kms.store.keys import SqliteKeyRepository
 from kms.store.releases import SqliteReleaseRepository
+from tests.support.fake_admin import SoftwareHsm
 
 T0 = datetime(2026, 2, 3, 4, 5, 6, 789000, tzinfo=UTC)
 PRODUCT = "thermostat"
@@ -45,7 +49,9 @@ def test_lowering_needs_a_floor_and_a_lower_value() -> None:
     with pytest.raises(FailedPrecondition, match="no anti-rollback floor to lower: nothing was signed"):
         check_lowering(PRODUCT, None, 0)
     for same_or_higher in (5, 6):
-        with pytest.raises(InvalidArgument, match="must be below product 'thermostat''s current floor 5"):
+        with pytest.raises(
+            InvalidArgument, match="must be below the current floor 5 of product 'thermostat'"
+        ):
             check_lowering(PRODUCT, 5, same_or_higher)
     with pytest.raises(InvalidArgument, match="out of range"):
         check_lowering(PRODUCT, 5, -1)
@@ -63,7 +69,7 @@ def test_execution_is_refused_when_the_floor_moved_since_the_request() -> None:
 
 def test_signing_checks_against_the_floor_as_it_is() -> None:
     check_floor(PRODUCT, 2, 2)
-    with pytest.raises(FailedPrecondition, match="below product 'thermostat''s floor 2"):
+    with pytest.raises(FailedPrecondition, match="below the floor 2 of product 'thermostat'"):
         check_floor(PRODUCT, 1, 2)
 
 
@@ -125,7 +131,7 @@ def test_a_lowered_floor_accepts_lower_releases_and_rises_again(
         None,
         None,
     )
-    with pytest.raises(FailedPrecondition, match="below product 'thermostat''s floor 5"):
+    with pytest.raises(FailedPrecondition, match="below the floor 5 of product 'thermostat'"):
         _sign(repo, 3)
 
     lowered = repo.lower_floor(_lowering(5, 2))
@@ -187,3 +193,21 @@ def test_rollback_floors_are_scoped_to_the_product(repo: SqliteReleaseRepository
     assert floors.check_lowering(ALICE, PRODUCT, 2) == 5
     lowered = floors.lower(ALICE, PRODUCT, 5, 2, "r1")
     assert (lowered.secure_version, lowered.lowered_by, lowered.lowered_at) == (2, ALICE.identity, T0)
+
+
+def test_a_product_without_any_key_has_no_floor_to_read(db: Database, repo: SqliteReleaseRepository) -> None:
+    """As ListSecureBootSlots: a product the service holds no key for is NOT_FOUND, not an empty floor that
+    would read as "nothing signed yet" for a misspelt product name."""
+    keys = SqliteKeyRepository(db)
+    KeyAdministration(SoftwareHsm(), keys).create_key(
+        "thermo-sbv2-0", PRODUCT, KeyPurpose.SECURE_BOOT_V2, Algorithm.ECDSA_P256_SHA256, 0
+    )
+    floors = RollbackFloors(repo, keys=keys)
+    assert floors.get(ALICE, PRODUCT).secure_version is None  # known, nothing signed yet
+    for unknown in ("thermostat2", "lamp"):
+        with pytest.raises(NotFound, match=f"product '{unknown}' has no keys"):
+            floors.get(ALICE, unknown)
+        with pytest.raises(NotFound, match="has no keys"):
+            floors.check_lowering(ALICE, unknown, 0)
+    _sign(repo, 5)
+    assert floors.get(ALICE, PRODUCT).secure_version == 5

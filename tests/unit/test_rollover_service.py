@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +21,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from kms.domain import lifecycle, rollover
-from kms.domain.errors import FailedPrecondition, HsmUnavailable, InvalidArgument, NotFound, PermissionDenied
+from kms.domain.errors import (
+    FailedPrecondition,
+    HsmFailure,
+    HsmUnavailable,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from kms.domain.identity import Caller, Role
 from kms.domain.keys import Algorithm, Key, KeyPurpose, KeyVersionState
+from kms.domain.releases import SignatureRecord
 from kms.service.keys import KeyAdministration
 from kms.service.lifecycle import SCHEDULER, KeyLifecycle
 from kms.service.rollover import ManifestKeyRollovers
@@ -40,6 +48,16 @@ DISTRIBUTOR = Caller(
 PRODUCT = "thermo"
 
 
+class RecordingLog:
+    """A ``SignatureLog`` that keeps what is appended (key uses whose change was not stored)."""
+
+    def __init__(self) -> None:
+        self.records: list[SignatureRecord] = []
+
+    def append(self, record: SignatureRecord) -> None:
+        self.records.append(record)
+
+
 class Env:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -47,7 +65,8 @@ class Env:
         self.clock = Clock()
         self.keys = SqliteKeyRepository(database)
         self.rollovers = SqliteRolloverRepository(database)
-        self.lifecycle = KeyLifecycle(self.hsm, self.keys, clock=self.clock)
+        self.log = RecordingLog()
+        self.lifecycle = KeyLifecycle(self.hsm, self.keys, clock=self.clock, signature_log=self.log)
         self.admin = KeyAdministration(self.hsm, self.keys, self.clock)
         self.service = ManifestKeyRollovers(self.keys, self.rollovers)
 
@@ -198,10 +217,86 @@ def test_a_destroyed_version_still_links_the_chain(env: Env) -> None:
     assert [(r.from_version, r.to_version) for r in chain.statements] == [(1, 2), (2, 3)]
 
 
-def test_a_primary_moved_back_leaves_later_versions_off_the_chain(env: Env) -> None:
+def test_the_primary_of_a_manifest_key_never_moves_back(env: Env) -> None:
+    """Every path that could make an older version primary is refused and changes nothing, so every
+    statement stays on one chain: any stored statement a device trusting an older key is replayed moves it
+    along the chain that still leads to the primary (the replay of branch.py from the security review)."""
     env.manifest_key()
     env.lifecycle.rotate(OFFICER, "thermo-manifest")
-    env.lifecycle.set_primary(OFFICER, "keys/thermo-manifest/versions/1")
+    env.lifecycle.rotate(OFFICER, "thermo-manifest")  # v1 -> v2 -> v3, v3 primary, all enabled
+    v = "keys/thermo-manifest/versions/{}".format
+    before = env.keys.get_managed_key("thermo-manifest")
+    refused: list[Callable[[], object]] = [
+        lambda: env.lifecycle.set_primary(OFFICER, v(1)),
+        lambda: env.lifecycle.set_primary(OFFICER, v(2)),
+        lambda: env.lifecycle.set_state(OFFICER, v(3), KeyVersionState.DISABLED, new_primary=2),
+        lambda: env.lifecycle.schedule_destroy(OFFICER, v(3), new_primary=1),
+    ]
+    for request in refused:
+        with pytest.raises(FailedPrecondition, match="devices may already trust version 3 through its"):
+            request()
+    assert env.keys.get_managed_key("thermo-manifest") == before
+
+    # the primary not enabled: enabling an older version would make it the primary, refused too
+    for number in (1, 2, 3):
+        env.lifecycle.set_state(OFFICER, v(number), KeyVersionState.DISABLED)
+    with pytest.raises(FailedPrecondition, match="a manifest key moves forward only: rotate instead"):
+        env.lifecycle.set_state(OFFICER, v(1), KeyVersionState.ENABLED)
+    env.lifecycle.set_state(OFFICER, v(3), KeyVersionState.ENABLED)  # the primary itself: allowed
+    env.lifecycle.rotate(OFFICER, "thermo-manifest")  # v4, signed by v3
+
+    stored = env.rollovers.list_rollovers("thermo-manifest")
+    assert [(r.from_version, r.to_version) for r in stored] == [(1, 2), (2, 3), (3, 4)]
+    for first in range(len(stored)):  # a replay of any prefix of the chain leaves the device on it
+        for last in range(first, len(stored)):
+            trusted = verify_chain(
+                [r.statement for r in stored[first : last + 1]],
+                PRODUCT.encode(),
+                env.device_keys("thermo-manifest", stored[first].from_version),
+            )
+            (key_id,) = trusted
+            chain = env.service.chain(DISTRIBUTOR, PRODUCT, key_id)
+            assert [r.to_version for r in chain.statements] == list(range(stored[last].to_version + 1, 5))
+
+
+def test_moving_the_primary_forward_is_allowed(env: Env) -> None:
+    """Forward-only does not mean primary-only: a primary left behind (data written before the rule) may be
+    moved forward to a later enabled version."""
+    env.manifest_key()
+    env.lifecycle.rotate(OFFICER, "thermo-manifest")
+    _move_primary_back_as_before_the_rule(env, 1)
+    env.lifecycle.set_primary(OFFICER, "keys/thermo-manifest/versions/2")
+    assert env.keys.get_key("thermo-manifest").primary_version == 2
+
+
+def _move_primary_back_as_before_the_rule(env: Env, number: int) -> None:
+    """Write a primary moved back straight into the store, as an earlier release of the service allowed."""
+    managed = env.keys.get_managed_key("thermo-manifest")
+    made_primary = lifecycle.Transition(
+        "thermo-manifest",
+        number,
+        lifecycle.LifecycleEvent.MADE_PRIMARY,
+        KeyVersionState.ENABLED,
+        KeyVersionState.ENABLED,
+        OFFICER.identity,
+        env.clock.now,
+    )
+    env.keys.apply_change(
+        lifecycle.LifecycleChange(
+            "thermo-manifest",
+            tuple((v.version, v.state) for v in managed.key.versions),
+            managed.key.primary_version,
+            number,
+            transitions=(made_primary,),
+        )
+    )
+
+
+def test_a_branch_left_by_a_primary_moved_back_before_the_rule_is_named(env: Env) -> None:
+    """Keys whose primary was moved back before the rule keep their branch; the chain service names it."""
+    env.manifest_key()
+    env.lifecycle.rotate(OFFICER, "thermo-manifest")
+    _move_primary_back_as_before_the_rule(env, 1)
     with pytest.raises(FailedPrecondition, match="versions/2 is not on the rollover chain of the primary"):
         env.service.chain(DISTRIBUTOR, PRODUCT, env.key_id_of("thermo-manifest", 2))
     assert env.service.chain(DISTRIBUTOR, PRODUCT, env.key_id_of("thermo-manifest", 1)).statements == ()
@@ -244,6 +339,59 @@ def test_a_signing_failure_fails_the_rotation_and_leaves_nothing(
     assert set(env.hsm.held) == held, "the new material was destroyed"
     assert [v.version for v in env.keys.get_key("thermo-manifest").versions] == [1]
     assert env.rollovers.list_rollovers("thermo-manifest") == [] and env.key_uses() == []
+
+
+def test_a_rotation_refused_at_commit_still_records_the_statement_signature(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another officer changes the key while the rotation signs its statement: the store refuses the change
+    (it is no longer based on the key as read), the new material is destroyed, and the signature the HSM
+    made is appended to the signature log, its subject saying the version was not created."""
+    env.manifest_key()
+    env.lifecycle.rotate(OFFICER, "thermo-manifest")  # v2, primary; its statement's use is stored with it
+    sign = env.hsm.sign_digest
+    other_officer = KeyLifecycle(env.hsm, env.keys, clock=env.clock)
+
+    def sign_while_another_officer_disables_v1(hsm_id: bytes, algorithm: Algorithm, digest: bytes) -> bytes:
+        other_officer.set_state(OFFICER, "keys/thermo-manifest/versions/1", KeyVersionState.DISABLED)
+        return sign(hsm_id, algorithm, digest)
+
+    monkeypatch.setattr(env.hsm, "sign_digest", sign_while_another_officer_disables_v1)
+    held = set(env.hsm.held)
+    with pytest.raises(FailedPrecondition):
+        env.lifecycle.rotate(OFFICER, "thermo-manifest")
+
+    assert set(env.hsm.held) == held, "the new material was destroyed"
+    assert [v.version for v in env.keys.get_key("thermo-manifest").versions] == [1, 2]
+    assert [r.to_version for r in env.rollovers.list_rollovers("thermo-manifest")] == [2]
+    assert [use[2] for use in env.key_uses()] == ["keys/thermo-manifest/versions/1"], "v2's use not stored"
+    (use,) = env.log.records
+    assert (use.caller, use.operation, use.key_version) == (
+        OFFICER.identity,
+        "sign-key-rollover",
+        "keys/thermo-manifest/versions/2",
+    )
+    assert use.subject == "keys/thermo-manifest/versions/3 (not created: FailedPrecondition)"
+    assert len(use.digest) == 32
+
+    monkeypatch.setattr(env.hsm, "sign_digest", sign)
+    env.lifecycle.rotate(OFFICER, "thermo-manifest")  # retried: v3 with another key, stored as usual
+    v = "keys/thermo-manifest/versions/{}".format
+    assert [(use[2], use[4]) for use in env.key_uses()] == [(v(1), v(2)), (v(2), v(3))]
+    assert len(env.log.records) == 1
+
+
+def test_a_signature_that_fails_its_check_is_still_a_recorded_key_use(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.manifest_key()
+    monkeypatch.setattr(env.hsm, "sign_digest", lambda *_args: bytes(64))  # not a valid signature
+    with pytest.raises(HsmFailure, match="does not verify"):
+        env.lifecycle.rotate(OFFICER, "thermo-manifest")
+    (use,) = env.log.records
+    assert use.key_version == "keys/thermo-manifest/versions/1"
+    assert use.subject == "keys/thermo-manifest/versions/2 (not created: HsmFailure)"
+    assert env.key_uses() == [] and [v.version for v in env.keys.get_key("thermo-manifest").versions] == [1]
 
 
 def test_the_statement_is_committed_with_its_version_or_not_at_all(env: Env) -> None:

@@ -1,13 +1,14 @@
 """Secure Boot V2 slots: the domain rules (kms.domain.sbv2_slots), their SQLite repository on a real file,
-the use cases (kms.service.sbv2_slots) and the signing path's cache of revoked slots."""
+the use cases (kms.service.sbv2_slots) and the signing path's caches of revoked slots and keys."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -17,9 +18,10 @@ from kms.domain import sbv2, sbv2_slots
 from kms.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from kms.domain.identity import Caller, Role
 from kms.domain.keys import Algorithm, Key, KeyPurpose, KeyVersion, KeyVersionState
+from kms.domain.ports import KeyRepository
 from kms.domain.sbv2_slots import SlotRevocation, SlotState
 from kms.service.sbv2_slots import SecureBootSlots
-from kms.service.signing import RevokedSlotCache
+from kms.service.signing import KeyCache, RevokedSlotCache
 from kms.store.database import Database
 from kms.store.keys import SqliteKeyRepository
 from kms.store.sbv2_slots import SqliteSlotRevocationRepository
@@ -321,3 +323,54 @@ def test_the_signing_cache_reads_once_per_ttl_and_forgets_on_revocation() -> Non
     assert cache.get(PRODUCT) == frozenset({1}) and source.reads == 2
     assert RevokedSlotCache(source, ttl=0.0).get(PRODUCT) == frozenset({1}) and source.reads == 3
     assert RevokedSlotCache(None).get(PRODUCT) == frozenset()
+
+
+class RevokedWhileRead(CountingRevocations):
+    """A read that returns the state from before a revocation committed (and invalidated) while it ran."""
+
+    def __init__(self, during_read: Callable[[], None]) -> None:
+        super().__init__()
+        self.during_read: Callable[[], None] | None = during_read
+
+    def revoked_slots(self, product: str) -> frozenset[int]:
+        seen = super().revoked_slots(product)
+        hook, self.during_read = self.during_read, None
+        if hook is not None:
+            hook()
+        return seen
+
+
+def test_a_refill_that_started_before_an_invalidate_does_not_store_its_stale_result() -> None:
+    """The interleaving: a SignDigest call misses the cache and reads the slots; meanwhile this process
+    commits a revocation and invalidates; then the read returns the old slots. Stored, they would let the
+    revoked slot's key sign for another ttl after the revocation returned."""
+
+    def revoke_meanwhile() -> None:
+        source.revoked = frozenset({1})
+        cache.invalidate(PRODUCT)
+
+    source = RevokedWhileRead(revoke_meanwhile)
+    cache = RevokedSlotCache(source, ttl=60.0)
+    assert cache.get(PRODUCT) == frozenset(), "the call that began before the revocation sees what it read"
+    assert cache.get(PRODUCT) == frozenset({1}), "every call that begins after invalidate sees the revocation"
+    assert cache.get(PRODUCT) == frozenset({1}) and source.reads == 2, "and the fresh result is cached"
+
+
+def test_the_key_cache_has_the_same_guard() -> None:
+    versions: list[int] = [1]
+
+    class Keys:
+        reads = 0
+
+        def get_key(self, key_id: str) -> Key:
+            Keys.reads += 1
+            key = _key(key_id, None, versions=versions[0], primary=versions[0])
+            if Keys.reads == 1:  # a rotation commits and invalidates while this read runs
+                versions[0] = 2
+                cache.invalidate(key_id)
+            return key
+
+    cache = KeyCache(cast(KeyRepository, Keys()), ttl=60.0)
+    assert cache.get("fw").primary_version == 1
+    assert cache.get("fw").primary_version == 2 and cache.get("fw").primary_version == 2
+    assert Keys.reads == 2
