@@ -257,6 +257,11 @@ class DeviceInfo:
     register_time: datetime | None
     secret_generation: int = 1  # +1 per re-provisioning
     reprovision_until: datetime | None = None  # open for re-provisioning until then
+    # Who registered the current secret and when (generation 1: the registration above; the registration
+    # fields always name the first one), and the approval request, "approvals/ID", that admitted it.
+    secret_registered_by: str = ""
+    secret_register_time: datetime | None = None
+    reprovisioned_under: str = ""  # empty for generation 1
 
 
 class PayloadFormat(enum.Enum):

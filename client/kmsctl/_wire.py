@@ -212,6 +212,9 @@ def device_info(message: devices_pb2.DeviceInfo) -> DeviceInfo:
         register_time=_timestamp(message, "register_time"),
         secret_generation=message.secret_generation,
         reprovision_until=_timestamp(message, "reprovision_until"),
+        secret_registered_by=message.secret_registered_by,
+        secret_register_time=_timestamp(message, "secret_register_time"),
+        reprovisioned_under=message.reprovisioned_under,
     )
 
 

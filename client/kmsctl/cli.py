@@ -567,6 +567,9 @@ def _devices_revoke(args: argparse.Namespace, client: KmsClient) -> Outcome:
 
 
 def _device_summary(title: str, device: DeviceInfo) -> str:
+    # "registered" is the first registration; after a re-provisioning, who installed the current secret.
+    replaced = device.secret_generation > 1
+    secret_at = device.secret_register_time.isoformat() if device.secret_register_time else ""
     return "\n".join(
         [
             title,
@@ -579,6 +582,9 @@ def _device_summary(title: str, device: DeviceInfo) -> str:
                 ("registered by", device.registered_by),
                 ("registered at", device.register_time.isoformat() if device.register_time else ""),
                 ("generation", str(device.secret_generation)),
+                ("secret by", (device.secret_registered_by or "(not recorded)") if replaced else ""),
+                ("secret at", secret_at if replaced else ""),
+                ("approved under", device.reprovisioned_under if replaced else ""),
                 (
                     "reprovision by",
                     device.reprovision_until.isoformat() if device.reprovision_until else "",

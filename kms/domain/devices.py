@@ -17,6 +17,11 @@ builds the device), increments ``secret_generation`` and closes the window; the 
 UNCHANGED and leaves it open. The ECIES public key (esp_encrypted_img) is derived from the eFuse secret on
 the device, so the old one is never kept: the re-provisioning row's key (or none) replaces it. A revoked
 device cannot be re-provisioned (``check_reprovisionable``); revoking closes an open window.
+
+``registered_by``/``registered_at`` always name the first registration; who installed the *current* secret,
+when, and under which approval request are ``secret_registered_by``/``secret_registered_at`` and
+``reprovisioned_under``, so "who put this secret on device X" is answered by the device itself, not by
+correlating audit records. For the first secret they equal the registration (filled in by ``Device``).
 """
 
 from __future__ import annotations
@@ -75,6 +80,19 @@ class Device:
     secret_generation: int = 1  # 1 for the secret first registered, +1 per re-provisioning
     reprovision_until: datetime | None = None  # open for re-provisioning before this moment
     reprovision_request: str | None = None  # the approval request that opened it
+    # Who registered the current secret and when: the registration for generation 1, the re-provisioning
+    # registration after. None only for a secret re-provisioned before the registry recorded it (migration
+    # 11 of kms.store.database).
+    secret_registered_by: str | None = None
+    secret_registered_at: datetime | None = None
+    reprovisioned_under: str | None = None  # the request that admitted the current secret; None: generation 1
+
+    def __post_init__(self) -> None:
+        # The first secret is the registrar's: constructors of a new registration need not repeat it.
+        if self.secret_generation == 1 and self.secret_registered_by is None:
+            object.__setattr__(self, "secret_registered_by", self.registered_by)
+        if self.secret_generation == 1 and self.secret_registered_at is None:
+            object.__setattr__(self, "secret_registered_at", self.registered_at)
 
     def open_for_reprovisioning(self, now: datetime) -> bool:
         return (
@@ -132,7 +150,11 @@ def registration_outcome(existing: Device | None, candidate: Device) -> Registra
 
 
 def reprovisioned(existing: Device, candidate: Device) -> Device:
-    """``existing`` with ``candidate``'s secret (and ECIES key, derived from it), next generation, closed."""
+    """``existing`` with ``candidate``'s secret (and ECIES key, derived from it), next generation, closed.
+
+    The first registration (``registered_by``/``registered_at``) stays; ``candidate``'s registrar and moment
+    become the current secret's, and the request that opened the window is kept as ``reprovisioned_under``.
+    """
     return replace(
         existing,
         secret=candidate.secret,
@@ -141,6 +163,9 @@ def reprovisioned(existing: Device, candidate: Device) -> Device:
         secret_generation=existing.secret_generation + 1,
         reprovision_until=None,
         reprovision_request=None,
+        secret_registered_by=candidate.registered_by,
+        secret_registered_at=candidate.registered_at,
+        reprovisioned_under=existing.reprovision_request,
     )
 
 

@@ -3,7 +3,9 @@
 
 ``ReprovisionDevice.prepare`` checks the device now (registered, in the officer's product scope, not revoked)
 and records the reason; ``execute`` opens the device for re-provisioning until the request's expiry. No
-secret is in the request: the new one arrives later through ``RegisterDevices``.
+secret is in the request: the new one arrives later through ``RegisterDevices``, whose audit record then
+names the re-provisioned device (``devices/ID``, or the first and a count if the stream replaced several
+secrets), so the record of the secret's replacement is found by device like the other device calls.
 """
 
 from __future__ import annotations
@@ -70,10 +72,21 @@ def device_pb(device: Device, now: datetime) -> devices_pb2.DeviceInfo:
         registered_by=device.registered_by,
         register_time=_timestamp(device.registered_at),
         secret_generation=device.secret_generation,
+        secret_registered_by=device.secret_registered_by or "",
+        reprovisioned_under=f"approvals/{device.reprovisioned_under}" if device.reprovisioned_under else "",
     )
+    if device.secret_registered_at is not None:
+        message.secret_register_time.CopyFrom(_timestamp(device.secret_registered_at))
     if device.reprovision_until is not None and device.open_for_reprovisioning(now):
         message.reprovision_until.CopyFrom(_timestamp(device.reprovision_until))
     return message
+
+
+def _reprovisioned_resource(device_ids: list[str]) -> str:
+    """The audit resource of a registration stream that re-provisioned ``device_ids`` (at least one): the
+    first, and how many more (device ids are at most 64 characters, well within a record's text field)."""
+    more = len(device_ids) - 1
+    return f"devices/{device_ids[0]}" + (f" (+{more} re-provisioned)" if more else "")
 
 
 def _outcome_pb(row: int, device_id: str, outcome: Registration | KmsError) -> devices_pb2.RowOutcome:
@@ -121,6 +134,7 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
             )
         elif header.wrapped_batch_key:
             raise InvalidArgument("wrapped_batch_key needs transport_key_version")
+        reprovisioned: list[str] = []  # replacing a secret is named in the call's audit record
         for message in stream:
             if message.WhichOneof("part") != "devices":
                 raise InvalidArgument("only the first RegisterDevices message may carry a header")
@@ -128,7 +142,11 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
                 RegistrationRow(r.row, r.device_id, r.chip, r.secret, r.ecies_public_key)
                 for r in message.devices.rows
             ]
-            results = self._registry.register(caller, header.product, rows, transport)
+            results = self._registry.register(caller, header.product, rows, transport)  # committed
+            replaced = [r.device_id for r in results if r.outcome is Registration.REPROVISIONED]
+            if replaced:
+                reprovisioned += replaced
+                note(resource=_reprovisioned_resource(reprovisioned))
             yield devices_pb2.RegisterDevicesResponse(
                 outcomes=[_outcome_pb(r.row, r.device_id, r.outcome) for r in results]
             )

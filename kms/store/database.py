@@ -441,6 +441,18 @@ CREATE TABLE policy_drafts (
 ) STRICT, WITHOUT ROWID;
 """
 
+_REPROVISIONED_BY_SCHEMA = """
+-- Who installed each device's current secret (kms.store.devices): registered_by/at stay the first
+-- registration; a re-provisioning sets these with the secret it stores, and the approval request id that
+-- admitted it. A first secret is the registrar's. Secrets re-provisioned before this migration keep NULL:
+-- who registered them was not recorded.
+ALTER TABLE devices ADD COLUMN secret_registered_by TEXT;
+ALTER TABLE devices ADD COLUMN secret_registered_at TEXT;
+ALTER TABLE devices ADD COLUMN reprovisioned_under TEXT;
+UPDATE devices SET secret_registered_by = registered_by, secret_registered_at = registered_at
+WHERE secret_generation = 1;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, key versions, releases, product floors, signatures", _INITIAL_SCHEMA),
     Migration(2, "device registry and payload manifest signatures", _DEVICES_SCHEMA),
@@ -452,6 +464,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "OTA manifest key rollover statements", _MANIFEST_ROLLOVER_SCHEMA),
     Migration(9, "anti-rollback floor lowerings and device re-provisioning", _FLOOR_AND_REPROVISION_SCHEMA),
     Migration(10, "authorization policy versions", _POLICY_SCHEMA),
+    Migration(11, "who registered each device's current secret", _REPROVISIONED_BY_SCHEMA),
 )
 
 _MIGRATIONS_TABLE = """

@@ -12,6 +12,10 @@ Re-provisioning (migration 9 added ``reprovision_until``, ``reprovision_request`
 fingerprint and ECIES key, increments the generation and closes the window in the same statement, in the
 write transaction that read the window (``BEGIN IMMEDIATE``: nothing interleaves), so one window admits one
 new secret. ``revoke`` closes the window.
+The same statement records who registered the new secret, when, and the approval request that opened the
+window (migration 11: ``secret_registered_by``, ``secret_registered_at``, ``reprovisioned_under``); a new
+row gets the registrar and moment of its registration there. ``registered_by``/``registered_at`` stay the
+first registration.
 Payload manifest signatures (``payload_signatures``) are kept: they cover the manifest, which names the
 device but holds nothing derived from its secret; the payload key is derived from the stored secret at
 every request.
@@ -38,13 +42,15 @@ from kms.store.database import Database, Row, Session, timestamp_text
 _REPROVISION = """
 UPDATE devices SET kek_key_id = ?, kek_version = ?, wrap_mechanism = ?, wrapped_secret = ?, fingerprint = ?,
                    ecies_public_key = ?, secret_generation = ?, reprovision_until = NULL,
-                   reprovision_request = NULL
+                   reprovision_request = NULL, secret_registered_by = ?, secret_registered_at = ?,
+                   reprovisioned_under = ?
 WHERE device_id = ?
 """
 _INSERT = """
 INSERT INTO devices (device_id, product, chip, state, kek_key_id, kek_version, wrap_mechanism,
-                     wrapped_secret, fingerprint, ecies_public_key, registered_by, registered_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     wrapped_secret, fingerprint, ecies_public_key, registered_by, registered_at,
+                     secret_registered_by, secret_registered_at, reprovisioned_under)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
@@ -65,11 +71,16 @@ def _from_row(row: Row) -> Device:
         registered_at=row.timestamp("registered_at"),
         ecies_public_key=row.optional_blob("ecies_public_key"),
         secret_generation=row.integer("secret_generation"),
-        reprovision_until=(
-            None if row.optional_text("reprovision_until") is None else row.timestamp("reprovision_until")
-        ),
+        reprovision_until=_optional_timestamp(row, "reprovision_until"),
         reprovision_request=row.optional_text("reprovision_request"),
+        secret_registered_by=row.optional_text("secret_registered_by"),
+        secret_registered_at=_optional_timestamp(row, "secret_registered_at"),
+        reprovisioned_under=row.optional_text("reprovisioned_under"),
     )
+
+
+def _optional_timestamp(row: Row, column: str) -> datetime | None:
+    return None if row.optional_text(column) is None else row.timestamp(column)
 
 
 def _get(session: Session, device_id: str) -> Device | None:
@@ -247,6 +258,9 @@ def _reprovision(session: Session, device: Device) -> None:
             device.fingerprint,
             device.ecies_public_key,
             device.secret_generation,
+            device.secret_registered_by,
+            _optional_timestamp_text(device.secret_registered_at),
+            device.reprovisioned_under,
             device.device_id,
         ],
     )
@@ -266,4 +280,11 @@ def _values(device: Device) -> list[object]:
         device.ecies_public_key,
         device.registered_by,
         timestamp_text(device.registered_at),
+        device.secret_registered_by,
+        _optional_timestamp_text(device.secret_registered_at),
+        device.reprovisioned_under,
     ]
+
+
+def _optional_timestamp_text(moment: datetime | None) -> str | None:
+    return None if moment is None else timestamp_text(moment)

@@ -3,7 +3,9 @@ real server (SoftHSM2, SQLite, gRPC over mTLS), with the officers alice, bob and
 ``tests.support.officers``.
 
 Payloads after re-provisioning are checked by the Python device model: the one holding the new secret
-installs them, the one holding the old secret rejects them.
+installs them, the one holding the old secret rejects them. A second factory station (``LINE_2``, a
+certificate issued here) re-provisions, so the device shows who installed its current secret apart from its
+first registrar, and the audit record of that RegisterDevices call names the device.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from kms.server.pki import issue
 from kmsapi.v1 import (
     approvals_pb2,
     approvals_pb2_grpc,
@@ -41,6 +46,26 @@ FLOOR_PRODUCTS = ("floor-a", "floor-b", "floor-c", "floor-d")
 KEYS = [KeySpec(f"{product}-sbv2-0", product, "ecdsa-p256", 0) for product in (*FLOOR_PRODUCTS, FLEET)]
 Outcome = devices_pb2.RowOutcome
 Officers = dict[str, approvals_pb2_grpc.ApprovalServiceStub]
+REGISTRAR = "spiffe://kms.dev/factory-registrar/dev"  # the dev PKI's factory station
+LINE_2 = "factory-registrar-line-2"  # another station's certificate files
+LINE_2_IDENTITY = "spiffe://kms.dev/factory-registrar/line-2"
+REGISTER_DEVICES = "/kmsapi.v1.DeviceRegistryService/RegisterDevices"
+
+
+def _issue_line_2(state: Path) -> None:
+    """A client certificate for a second factory station, issued by the dev CA."""
+    pki = state / "pki"
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    uri = x509.UniformResourceIdentifier(LINE_2_IDENTITY)
+    key, cert = issue(ca_key, ca_cert, "factory-registrar line-2", [uri], server=False)
+    (pki / "clients" / f"{LINE_2}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    (pki / "clients" / f"{LINE_2}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningKms]:
     state = tmp_path_factory.mktemp("kms-floor-reprovision")
     init_state(state, KEYS, [FLEET])
     issue_officers(state)
+    _issue_line_2(state)
     with running_kms(state, KEYS, init=False) as running:
         yield running
 
@@ -253,14 +279,20 @@ def test_kmsctl_floor_show_and_lower(server: RunningKms, officers: Officers) -> 
 
 
 def _register(
-    server: RunningKms, device_id: str, secret: bytes, *, chip: str = CHIP, wrapped: bool = True
+    server: RunningKms,
+    device_id: str,
+    secret: bytes,
+    *,
+    chip: str = CHIP,
+    wrapped: bool = True,
+    station: str = "factory-registrar",
 ) -> devices_pb2.RowOutcome:
     """Register one device as a factory station does; ``wrapped``: through the registration key."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding, rsa
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-    with officer_channel(server, "factory-registrar") as channel:
+    with officer_channel(server, station) as channel:
         stub = devices_pb2_grpc.DeviceRegistryServiceStub(channel)
         header = devices_pb2.RegisterDevicesHeader(product=FLEET)
         if wrapped:
@@ -320,6 +352,14 @@ def _device_model(server: RunningKms, device_id: str, secret: bytes) -> DeviceMo
     )
 
 
+def _registrations(server: RunningKms, count: int) -> list[dict[str, str]]:
+    """The audit records of the last ``count`` RegisterDevices calls, oldest first."""
+    tail = server.kmsctl("audit", "tail", "-n", "200", "--json")
+    assert tail.returncode == 0, tail.stderr
+    records: list[dict[str, str]] = json.loads(tail.stdout)["records"]
+    return [r for r in records if r["operation"] == REGISTER_DEVICES][-count:]
+
+
 def _request_reprovisioning(
     officers: Officers, device_id: str, reason: str = "mainboard replaced"
 ) -> approvals_pb2.ApprovalRequest:
@@ -353,16 +393,28 @@ def test_an_approved_reprovisioning_admits_one_new_secret(server: RunningKms, of
 
     assert done.device.device_id == device_id and done.device.secret_generation == 1
     assert done.device.reprovision_until == made.expire_time
+    first = done.device  # generation 1: the current secret is the first registrar's
+    assert (first.registered_by, first.secret_registered_by) == (REGISTRAR, REGISTRAR)
+    assert first.secret_register_time == first.register_time and first.reprovisioned_under == ""
     assert _register(server, device_id, s1, wrapped=False).status == Outcome.UNCHANGED  # same secret
     wrong_chip = _register(server, device_id, s2, chip="esp32s3")
     assert wrong_chip.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "registered as an esp32c6, not an esp32s3" in wrong_chip.message
     assert _device_info(server, device_id).reprovision_until == made.expire_time  # still open
 
-    assert _register(server, device_id, s2).status == Outcome.REPROVISIONED
+    started = time.time()
+    assert _register(server, device_id, s2, station=LINE_2).status == Outcome.REPROVISIONED
 
     info = _device_info(server, device_id)
     assert info.secret_generation == 2 and not info.HasField("reprovision_until")
+    assert (info.registered_by, info.register_time) == (REGISTRAR, first.register_time)  # the first one
+    assert info.secret_registered_by == LINE_2_IDENTITY
+    assert started - 1 <= info.secret_register_time.ToNanoseconds() / 1e9 <= time.time() + 1
+    assert info.reprovisioned_under == f"approvals/{made.id}"
+    rejected, replaced = _registrations(server, 2)  # the wrong chip's call, then the re-provisioning
+    assert (rejected["caller"], rejected["resource"], rejected["outcome"]) == (REGISTRAR, "", "OK")
+    assert (replaced["caller"], replaced["product"], replaced["outcome"]) == (LINE_2_IDENTITY, FLEET, "OK")
+    assert replaced["resource"] == f"devices/{device_id}"
     again = _register(server, device_id, s3, wrapped=False)
     assert again.status == Outcome.REJECTED and again.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
     after = _payload(server, device_id, release)
@@ -371,6 +423,41 @@ def test_an_approved_reprovisioning_admits_one_new_secret(server: RunningKms, of
     installed = _device_model(server, device_id, s2).apply_update(after)
     assert installed.verdict is Verdict.OK, installed.detail
     assert _payload(server, device_id, release) == after  # still deterministic, now for the new secret
+
+
+def test_one_stream_reprovisioning_several_devices_names_the_first_and_a_count(
+    server: RunningKms, officers: Officers
+) -> None:
+    opened = ["24:6f:28:0e:00:11", "24:6f:28:0e:00:12", "24:6f:28:0e:00:13"]
+    new = "24:6f:28:0e:00:14"
+    for device_id in opened:
+        assert _register(server, device_id, os.urandom(32), wrapped=False).status == Outcome.CREATED
+        made = _request_reprovisioning(officers, device_id)
+        _approved_by_bob_and_carol(officers, made.id)
+        _execute(officers, made.id)
+    # Two acknowledged messages: the note covers the devices of both, whatever else the stream held.
+    batches = [[opened[0], new], [opened[1], opened[2]]]
+
+    def requests() -> Iterator[devices_pb2.RegisterDevicesRequest]:
+        yield devices_pb2.RegisterDevicesRequest(header=devices_pb2.RegisterDevicesHeader(product=FLEET))
+        for batch in batches:
+            rows = [
+                devices_pb2.DeviceRow(row=n, device_id=d, chip=CHIP, secret=os.urandom(32))
+                for n, d in enumerate(batch, 1)
+            ]
+            yield devices_pb2.RegisterDevicesRequest(devices=devices_pb2.DeviceRows(rows=rows))
+
+    with officer_channel(server, LINE_2) as channel:
+        responses = list(devices_pb2_grpc.DeviceRegistryServiceStub(channel).RegisterDevices(requests()))
+    assert [[o.status for o in r.outcomes] for r in responses] == [
+        [Outcome.REPROVISIONED, Outcome.CREATED],
+        [Outcome.REPROVISIONED, Outcome.REPROVISIONED],
+    ]
+    (record,) = _registrations(server, 1)
+    assert record["resource"] == f"devices/{opened[0]} (+2 re-provisioned)"
+    created = _device_info(server, new)  # a new device's first secret is its registrar's
+    assert (created.secret_generation, created.reprovisioned_under) == (1, "")
+    assert created.registered_by == created.secret_registered_by == LINE_2_IDENTITY
 
 
 def test_a_revoked_device_is_not_reprovisioned(server: RunningKms, officers: Officers) -> None:

@@ -656,8 +656,10 @@ class FakeKms(
             has_ecies_public_key=device.ecies_public_key is not None,
             registered_by=device.registered_by,
             secret_generation=1,
+            secret_registered_by=device.registered_by,  # generation 1: the registration's, as the server
         )
         info.register_time.FromDatetime(datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC))
+        info.secret_register_time.CopyFrom(info.register_time)
         return info
 
     def _product(self, product: str, context: grpc.ServicerContext) -> None:

@@ -515,6 +515,9 @@ def test_revoke_uses_the_security_officer_identity(as_role: Callable[[str], Kmsc
         "register_time": "2025-03-04T05:06:07+00:00",
         "secret_generation": 1,
         "reprovision_until": None,
+        "secret_registered_by": "factory-registrar",
+        "secret_register_time": "2025-03-04T05:06:07+00:00",
+        "reprovisioned_under": "",
     }
     assert officer.fake.identities == ["security-officer"]
     result = officer("devices", "revoke", "24:6f:28:aa:bb:cc")

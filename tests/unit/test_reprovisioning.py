@@ -1,9 +1,11 @@
 """Device re-provisioning: the registration rules (``kms.domain.devices``), the window in a real SQLite
-registry (``kms.store.devices``), and the product scope of ``DeviceReprovisioning``."""
+registry (``kms.store.devices``), who installed the current secret (migration 11, ``DeviceInfo``, ``kmsctl
+devices show``), and the product scope of ``DeviceReprovisioning``."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,14 +24,19 @@ from kms.domain.devices import (
 )
 from kms.domain.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from kms.domain.identity import Caller, Role
+from kms.server.devices_servicers import device_pb
 from kms.service.reprovisioning import DeviceReprovisioning
-from kms.store.database import Database
+from kms.store.database import MIGRATIONS, Database, timestamp_text
 from kms.store.devices import SqliteDeviceRepository
+from kmsctl._wire import device_info
+from kmsctl.cli import _device_summary
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 UNTIL = T0 + timedelta(hours=24)
 DEVICE_ID = "24:6f:28:00:00:01"
 OFFICER = Caller("spiffe://kms.dev/security-officer/alice", Role.SECURITY_OFFICER)
+LINE_1 = "spiffe://kms.dev/factory-registrar/line-1"
+LINE_2 = "spiffe://kms.dev/factory-registrar/line-2"
 
 
 def _device(
@@ -39,6 +46,7 @@ def _device(
     product: str = "thermostat",
     chip: str = "esp32c6",
     ecies: bytes | None = None,
+    by: str = LINE_1,
 ) -> Device:
     return Device(
         device_id=DEVICE_ID,
@@ -47,7 +55,7 @@ def _device(
         state=DeviceState.ACTIVE,
         secret=WrappedSecret("thermostat-kek", 1, "CKM_AES_KEY_WRAP_PAD(0x210A)", os.urandom(40)),
         fingerprint=fingerprint,
-        registered_by="spiffe://kms.dev/factory-registrar/line-1",
+        registered_by=by,
         registered_at=at,
         ecies_public_key=ecies,
     )
@@ -99,6 +107,30 @@ def test_reprovisioning_replaces_the_secret_and_what_derives_from_it() -> None:
     assert reprovisioned(opened, _device(S2, ecies=b"\x02" * 64)).ecies_public_key == b"\x02" * 64
 
 
+def test_the_current_secret_names_who_registered_it_and_under_which_request() -> None:
+    first = _device(S1)  # a registration names no secret registrar: the first secret is the registrar's
+    assert (first.secret_registered_by, first.secret_registered_at, first.reprovisioned_under) == (
+        LINE_1,
+        T0,
+        None,
+    )
+    opened = replace(first, reprovision_until=UNTIL, reprovision_request="r1")
+    later = T0 + timedelta(hours=1)
+    after = reprovisioned(opened, _device(S2, at=later, by=LINE_2))
+    assert (after.registered_by, after.registered_at) == (LINE_1, T0)  # the first registration stays
+    assert (after.secret_registered_by, after.secret_registered_at, after.reprovisioned_under) == (
+        LINE_2,
+        later,
+        "r1",
+    )
+    third = reprovisioned(replace(after, reprovision_until=UNTIL, reprovision_request="r2"), _device(S3))
+    assert (third.secret_generation, third.secret_registered_by, third.reprovisioned_under) == (
+        3,
+        LINE_1,
+        "r2",
+    )
+
+
 def test_a_revoked_device_cannot_be_opened() -> None:
     assert check_reprovisionable(_device(S1)).device_id == DEVICE_ID
     with pytest.raises(FailedPrecondition, match="revoked; a revoked device cannot be re-provisioned"):
@@ -126,13 +158,25 @@ def test_one_window_admits_one_new_secret(devices: SqliteDeviceRepository) -> No
     assert devices.add_many([_device(S1, at=T0 + timedelta(minutes=1))]) == [Registration.UNCHANGED]
     assert devices.get(DEVICE_ID).reprovision_until == UNTIL
 
-    candidate = _device(S2, at=T0 + timedelta(minutes=2))
+    first = devices.get(DEVICE_ID)  # generation 1 as stored: the current secret is the registration's
+    assert (first.secret_registered_by, first.secret_registered_at, first.reprovisioned_under) == (
+        LINE_1,
+        T0,
+        None,
+    )
+
+    candidate = _device(S2, at=T0 + timedelta(minutes=2), by=LINE_2)
     assert devices.add_many([candidate]) == [Registration.REPROVISIONED]
 
     stored = devices.get(DEVICE_ID)
     assert (stored.fingerprint, stored.secret, stored.secret_generation) == (S2, candidate.secret, 2)
     assert (stored.reprovision_until, stored.reprovision_request) == (None, None)
-    assert stored.registered_at == T0
+    assert (stored.registered_by, stored.registered_at) == (LINE_1, T0)
+    assert (stored.secret_registered_by, stored.secret_registered_at, stored.reprovisioned_under) == (
+        LINE_2,
+        T0 + timedelta(minutes=2),
+        "r1",
+    )
     assert isinstance(devices.add_many([_device(S3, at=T0 + timedelta(minutes=3))])[0], AlreadyExists)
     assert devices.add_many([_device(S2, at=T0 + timedelta(minutes=3))]) == [Registration.UNCHANGED]
 
@@ -159,6 +203,65 @@ def test_revoking_closes_the_window_and_a_revoked_device_is_not_opened(
         devices.open_reprovisioning(DEVICE_ID, UNTIL, "r2")
     with pytest.raises(NotFound):
         devices.open_reprovisioning("24:6f:28:00:00:99", UNTIL, "r2")
+
+
+def test_migration_11_records_generation_1_secrets_as_their_registration(tmp_path: Path) -> None:
+    path = tmp_path / "kms.db"
+    # as the previous release left it
+    with Database.open(path, migrations=MIGRATIONS[:10]) as db, db.transaction() as session:
+        for device_id, generation in (("first", 1), ("replaced", 2)):
+            session.execute(
+                "INSERT INTO devices (device_id, product, chip, state, kek_key_id, kek_version, "
+                "wrap_mechanism, wrapped_secret, fingerprint, registered_by, registered_at, "
+                "secret_generation) VALUES (?, 'thermostat', 'esp32c6', 'active', 'thermostat-kek', 1, "
+                "'CKM_AES_KEY_WRAP_PAD(0x210A)', ?, ?, ?, ?, ?)",
+                [device_id, os.urandom(40), S1, LINE_1, timestamp_text(T0), generation],
+            )
+    with Database.open(path) as db:
+        repository = SqliteDeviceRepository(db)
+        first, replaced = repository.get("first"), repository.get("replaced")
+    assert (first.secret_registered_by, first.secret_registered_at, first.reprovisioned_under) == (
+        LINE_1,
+        T0,
+        None,
+    )
+    # Re-provisioned before the registry recorded by whom: not made up.
+    assert (replaced.secret_registered_by, replaced.secret_registered_at) == (None, None)
+    connection = sqlite3.connect(path)
+    try:
+        columns = {str(r[1]) for r in connection.execute("PRAGMA table_info(devices)")}
+    finally:
+        connection.close()
+    assert {"secret_registered_by", "secret_registered_at", "reprovisioned_under"} <= columns
+
+
+# -- DeviceInfo and kmsctl devices show ------------------------------------------------------------------
+
+
+def test_device_info_and_show_name_who_installed_the_current_secret() -> None:
+    opened = replace(_device(S1), reprovision_until=UNTIL, reprovision_request="4f2a")
+    later = T0 + timedelta(hours=1)
+    after = reprovisioned(opened, _device(S2, at=later, by=LINE_2))
+
+    message = device_pb(after, later)
+    assert (message.registered_by, message.register_time.ToDatetime(tzinfo=UTC)) == (LINE_1, T0)
+    assert message.secret_registered_by == LINE_2
+    assert message.secret_register_time.ToDatetime(tzinfo=UTC) == later
+    assert message.reprovisioned_under == "approvals/4f2a"
+    shown = _device_summary("device x", device_info(message))
+    assert f"registered by   {LINE_1}" in shown
+    assert f"secret by       {LINE_2}" in shown
+    assert f"secret at       {later.isoformat()}" in shown
+    assert "approved under  approvals/4f2a" in shown
+
+    first = device_pb(_device(S1), T0)
+    assert (first.secret_registered_by, first.reprovisioned_under) == (LINE_1, "")
+    assert first.secret_register_time == first.register_time
+    assert "secret by" not in _device_summary("device x", device_info(first))  # same as registered by
+
+    unknown = device_pb(replace(after, secret_registered_by=None, secret_registered_at=None), later)
+    assert not unknown.HasField("secret_register_time")
+    assert "secret by       (not recorded)" in _device_summary("device x", device_info(unknown))
 
 
 # -- the use case: product scope -------------------------------------------------------------------------

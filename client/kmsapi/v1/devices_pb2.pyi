@@ -340,6 +340,9 @@ class DeviceInfo(_message.Message):
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     REPROVISION_UNTIL_FIELD_NUMBER: _builtins.int
     SECRET_GENERATION_FIELD_NUMBER: _builtins.int
+    SECRET_REGISTERED_BY_FIELD_NUMBER: _builtins.int
+    SECRET_REGISTER_TIME_FIELD_NUMBER: _builtins.int
+    REPROVISIONED_UNDER_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     product: _builtins.str
     chip: _builtins.str
@@ -351,12 +354,24 @@ class DeviceInfo(_message.Message):
     registered_by: _builtins.str
     secret_generation: _builtins.int
     """1 for the secret first registered, +1 for every re-provisioning."""
+    secret_registered_by: _builtins.str
+    """Who registered the current secret and when. For generation 1 the same as registered_by and
+    register_time (which always name the first registration); after a re-provisioning, the factory station
+    whose registration replaced the secret. Empty (unset) only for a secret re-provisioned by a server
+    release that did not record it yet.
+    """
+    reprovisioned_under: _builtins.str
+    """The executed re-provisioning request that admitted the current secret, "approvals/{id}"; empty for
+    generation 1.
+    """
     @_builtins.property
     def register_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def reprovision_until(self) -> _timestamp_pb2.Timestamp:
         """Set while an executed re-provisioning request lets the next registration replace the secret."""
 
+    @_builtins.property
+    def secret_register_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -370,10 +385,13 @@ class DeviceInfo(_message.Message):
         register_time: _timestamp_pb2.Timestamp | None = ...,
         reprovision_until: _timestamp_pb2.Timestamp | None = ...,
         secret_generation: _builtins.int = ...,
+        secret_registered_by: _builtins.str = ...,
+        secret_register_time: _timestamp_pb2.Timestamp | None = ...,
+        reprovisioned_under: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["register_time", b"register_time", "reprovision_until", b"reprovision_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["register_time", b"register_time", "reprovision_until", b"reprovision_until", "secret_register_time", b"secret_register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chip", b"chip", "device_id", b"device_id", "has_ecies_public_key", b"has_ecies_public_key", "kek_version", b"kek_version", "product", b"product", "register_time", b"register_time", "registered_by", b"registered_by", "reprovision_until", b"reprovision_until", "secret_generation", b"secret_generation", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chip", b"chip", "device_id", b"device_id", "has_ecies_public_key", b"has_ecies_public_key", "kek_version", b"kek_version", "product", b"product", "register_time", b"register_time", "registered_by", b"registered_by", "reprovision_until", b"reprovision_until", "reprovisioned_under", b"reprovisioned_under", "secret_generation", b"secret_generation", "secret_register_time", b"secret_register_time", "secret_registered_by", b"secret_registered_by", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
