@@ -227,6 +227,7 @@ class KeyAdminServicer(admin_pb2_grpc.KeyAdminServiceServicer):
     ) -> admin_pb2.ManagedKey:
         self._noted(request.name)
         if self._require_dual_control:
+            self._lifecycle.get_for(caller_of(context), request.name)  # out of scope: PERMISSION_DENIED first
             raise FailedPrecondition(
                 "destroying a key version needs dual control: request it with "
                 "ApprovalService.RequestKeyVersionDestruction ('kmsctl approvals request-destroy VERSION'); "

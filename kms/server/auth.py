@@ -69,7 +69,6 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "/kmsapi.v1.ApprovalService/ExecuteRequest": frozenset({Role.SECURITY_OFFICER}),
     "/grpc.health.v1.Health/Check": ALL_ROLES,
     "/grpc.health.v1.Health/Watch": ALL_ROLES,
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ALL_ROLES,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ALL_ROLES,
 }
 

@@ -127,6 +127,7 @@ class DeviceRegistryServicer(devices_pb2_grpc.DeviceRegistryServiceServicer):
             )
         header = first.header
         note(product=header.product, key_version=header.transport_key_version)
+        self._registry.open_stream(caller, header.product)
         transport: TransportBatch | None = None
         if header.transport_key_version:
             transport = self._registry.transport_batch(

@@ -147,6 +147,10 @@ class KeyLifecycle:
         require_product(caller, managed.key.product)
         return managed
 
+    def get_for(self, caller: Caller, name: str) -> ManagedKey:
+        """The key named ``keys/K`` or ``keys/K/versions/N``, if its product is in ``caller``'s scope."""
+        return self._scoped(caller, KeyName.parse(name).key_id)
+
     def record_creation(self, caller: Caller, key: Key) -> None:
         """Record the creation of a key just stored by ``KeyAdministration.create_key``."""
         self._keys.apply_change(lifecycle.creation(key, caller.identity))

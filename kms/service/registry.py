@@ -91,6 +91,12 @@ class DeviceRegistry:
         require_product(caller, product)
         return primary_key_of(self._keys, product, KeyPurpose.REGISTRATION_TRANSPORT)[1]
 
+    def open_stream(self, caller: Caller, product: str) -> None:
+        """Refuse a registration stream for a product out of ``caller``'s scope at its header, before any
+        row is read (``register`` checks again for every batch)."""
+        validate_product(product)
+        require_product(caller, product)
+
     def transport_batch(self, product: str, key_version: str, wrapped_batch_key: bytes) -> TransportBatch:
         """Check the header of a wrapped registration stream; the key must be the product's transport key."""
         _key, version = primary_key_of(self._keys, product, KeyPurpose.REGISTRATION_TRANSPORT)

@@ -546,7 +546,6 @@ NOT_PRODUCT_BOUND = {
     "/kmsapi.v1.AuditService/GetAuditHead",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     # The authorization policy spans every product, like the audit log: officers and auditors read it whatever
     # their scope (changing it is RequestPolicyChange, of SYSTEM_PRODUCT).
