@@ -409,24 +409,45 @@ def test_iter_bytes_checks_offset_and_chunk() -> None:
         payload.iter_bytes(0, chunk=0)
 
 
+class _CountingAead:
+    """Wraps the payload's AESGCM and records the segment index of every nonce it seals under."""
+
+    def __init__(self, aead: Any) -> None:
+        self._aead = aead
+        self.indices: list[int] = []
+        self.nonces: list[bytes] = []
+
+    def encrypt_into(self, nonce: bytes, data: Any, associated_data: None, buf: Any) -> int:
+        self.indices.append(int.from_bytes(nonce[7:11], "big"))
+        self.nonces.append(nonce)
+        return int(self._aead.encrypt_into(nonce, data, associated_data, buf))
+
+
+def test_the_sealing_loop_uses_the_specified_nonces(monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = _payload(bytes(range(256)) * 4 + b"tail", 256)  # 5 segments, the last 4 bytes
+    aead = _CountingAead(payload._aead)
+    monkeypatch.setattr(payload, "_aead", aead)
+    assert len(b"".join(payload.iter_bytes(chunk=1000))) == payload.total_size()  # direct and straddled
+    assert aead.nonces == [sealed.nonce(i, i == 4) for i in range(5)]
+
+
 def test_iter_bytes_encrypts_only_the_segments_it_yields(monkeypatch: pytest.MonkeyPatch) -> None:
-    sealed_indices: list[int] = []
-    original = sealed.SealedPayload._seal
-
-    def counting(self: sealed.SealedPayload, i: int) -> bytes:
-        sealed_indices.append(i)
-        return original(self, i)
-
-    monkeypatch.setattr(sealed.SealedPayload, "_seal", counting)
     payload = _payload(bytes(100 * 256), 256)
+    aead = _CountingAead(payload._aead)
+    monkeypatch.setattr(payload, "_aead", aead)
     iterator = payload.iter_bytes(payload.total_size() - 20, chunk=8)
-    assert sealed_indices == []
+    assert aead.indices == []
     next(iterator)
-    assert sealed_indices == [99]
-    sealed_indices.clear()
+    assert aead.indices == [99]
+    assert len(list(iterator)) == 2 and aead.indices == [99]  # the rest of a straddled segment: no re-seal
+    aead.indices.clear()
     first = payload.iter_bytes(0, chunk=384 + 272)
     next(first)
-    assert sealed_indices == [0]
+    assert aead.indices == [0]
+    aead.indices.clear()
+    straddling = payload.iter_bytes(0, chunk=384 + 272 + 100)  # the second piece starts inside segment 1
+    assert [len(piece) for piece in (next(straddling), next(straddling))] == [756, 756]
+    assert aead.indices == [0, 1, 2, 3, 4]  # segment 1 sealed once for both pieces
 
 
 def test_iter_bytes_memory_stays_bounded_for_a_large_image() -> None:
