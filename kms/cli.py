@@ -9,7 +9,8 @@
                                                  the authorization policy, without dual control
 
 Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 invalid input or configuration, 4 not found,
-5 refused by a rule (already exists, failed precondition), 7 HSM unavailable.
+5 refused by a rule (already exists, failed precondition), 7 HSM unavailable, 9 (policy reset) the policy
+was installed but its audit record could not be written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from kms.server.pki import create_dev_pki
 from kms.service.keys import KeyAdministration
 
 DEFAULT_STATE_DIR = Path(".kms")
+EXIT_INSTALLED_UNAUDITED = 9
+"""``kms policy reset``: the policy was installed, but its audit record failed (do not run it again)."""
 SETUP_SOFTHSM = Path(__file__).resolve().parent.parent / "hsm" / "setup-softhsm.sh"
 
 EXIT_CODES: list[tuple[type[errors.KmsError], int]] = [
@@ -251,18 +254,22 @@ def cmd_policy_reset(args: argparse.Namespace) -> int:
         reset = policies.reset(operator, args.reason)
         installed = reset.installed
         assert installed.created_at is not None
-        components.audit_log.append(
-            AuditEvent(
-                time=installed.created_at,
-                caller=installed.created_by,
-                role="local",
-                operation="kms policy reset",
-                outcome="OK",
-                request_id=f"{BREAK_GLASS}-{uuid.uuid4().hex}",
-                product=SYSTEM_PRODUCT,
-                resource=POLICY_TARGET,
+        audit_error: Exception | None = None
+        try:
+            components.audit_log.append(
+                AuditEvent(
+                    time=installed.created_at,
+                    caller=installed.created_by,
+                    role="local",
+                    operation="kms policy reset",
+                    outcome="OK",
+                    request_id=f"{BREAK_GLASS}-{uuid.uuid4().hex}",
+                    product=SYSTEM_PRODUCT,
+                    resource=POLICY_TARGET,
+                )
             )
-        )
+        except Exception as error:  # noqa: BLE001 - the version is in force: say so rather than fail blind
+            audit_error = error
     finally:
         components.close()
     source = (
@@ -292,6 +299,14 @@ def cmd_policy_reset(args: argparse.Namespace) -> int:
         )
     if reset.lockout is not None:
         print(f"kms: warning: installed anyway, but {reset.lockout}", file=sys.stderr)
+    if audit_error is not None:
+        print(
+            f"kms: error: version {installed.version} IS installed and in force, but its audit record could "
+            f"not be written ({audit_error}); do not run the reset again: record it by hand (it is in the "
+            "policy versions and the service log)",
+            file=sys.stderr,
+        )
+        return EXIT_INSTALLED_UNAUDITED
     return 0
 
 

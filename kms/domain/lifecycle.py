@@ -322,7 +322,15 @@ def _primary_after(managed: ManagedKey, number: int, target: KeyVersionState, ne
             )
         return new_primary
     if number == key.primary_version and target is not ENABLED and enabled_after:
-        others = ", ".join(str(n) for n in sorted(enabled_after))
+        if key.purpose is KeyPurpose.OTA_MANIFEST and not any(n > number for n in enabled_after):
+            raise FailedPrecondition(  # older versions cannot become primary (_forward_only): rotate
+                f"{KeyName(key.key_id, number)} is the primary version of OTA manifest key {key.name}, whose "
+                "primary moves forward only: rotate the key first (the new version becomes the primary), "
+                "then disable or destroy this version"
+            )
+        others = ", ".join(
+            str(n) for n in sorted(enabled_after) if key.purpose is not KeyPurpose.OTA_MANIFEST or n > number
+        )
         raise FailedPrecondition(
             f"{KeyName(key.key_id, number)} is the primary version of {key.name}; make another enabled "
             f"version ({others}) primary first, or name it as the new primary in the same request"

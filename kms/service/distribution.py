@@ -182,40 +182,42 @@ class Distribution:
             device.device_id, release.output_sha256, segment_size, manifest_key.name
         )
         records = []
-        if signature is None:
-            digest = hashlib.sha256(prefix).digest()
-            raw = self._hsm.sign_digest(manifest_key.hsm_id, manifest_key.algorithm, digest)
-            signatures.check_signature(manifest_key.algorithm, manifest_key.public_key_der, digest, raw)
-            signature = self._devices.save_payload_signature(
-                device.device_id, release.output_sha256, segment_size, manifest_key.name, raw, now
+        try:  # every HSM use is recorded, also when a later step fails (the finally below)
+            if signature is None:
+                digest = hashlib.sha256(prefix).digest()
+                raw = self._hsm.sign_digest(manifest_key.hsm_id, manifest_key.algorithm, digest)
+                records.append(
+                    SignatureRecord(
+                        caller.identity,
+                        "sign-manifest",
+                        manifest_key.name,
+                        digest,
+                        f"{release.name}@{device.device_id}",
+                        now,
+                    )
+                )
+                signatures.check_signature(manifest_key.algorithm, manifest_key.public_key_der, digest, raw)
+                signature = self._devices.save_payload_signature(
+                    device.device_id, release.output_sha256, segment_size, manifest_key.name, raw, now
+                )
+            info = sealed.key_derivation_info(manifest, prefix)
+            payload_key = self._hsm.hmac_with_wrapped_secret(
+                kek_hsm_id(self._keys, device), device.secret.blob, info + b"\x01"
             )
+            kek_name = f"keys/{device.secret.kek_key_id}/versions/{device.secret.kek_version}"
             records.append(
                 SignatureRecord(
                     caller.identity,
-                    "sign-manifest",
-                    manifest_key.name,
-                    digest,
+                    "derive-payload-key",
+                    kek_name,
+                    hashlib.sha256(info).digest(),
                     f"{release.name}@{device.device_id}",
                     now,
                 )
             )
-        info = sealed.key_derivation_info(manifest, prefix)
-        payload_key = self._hsm.hmac_with_wrapped_secret(
-            kek_hsm_id(self._keys, device), device.secret.blob, info + b"\x01"
-        )
-        kek_name = f"keys/{device.secret.kek_key_id}/versions/{device.secret.kek_version}"
-        records.append(
-            SignatureRecord(
-                caller.identity,
-                "derive-payload-key",
-                kek_name,
-                hashlib.sha256(info).digest(),
-                f"{release.name}@{device.device_id}",
-                now,
-            )
-        )
-        for record in records:
-            self._log.append(record)
+        finally:
+            for record in records:
+                self._log.append(record)
         payload = sealed.SealedPayload(
             header, manifest, signature, payload_key, self._images.get(release.output_sha256)
         )

@@ -22,6 +22,9 @@ has signed (the store refuses it at commit: a slot revoked or the floor raised m
 signature failed; a concurrent identical request's release was stored instead), the signatures made are
 appended to the ``SignatureLog`` before the error (or the other release) is returned, with a subject saying
 that nothing was released. The signed bytes never leave the service in that case, but the key uses happened.
+A digest signature that fails its check is recorded the same way before the error (``sign_digest``), and so
+are the manifest signature and the key derivation of a payload whose later steps fail
+(``kms.service.distribution``).
 
 What a slot revocation binds, exactly
 -------------------------------------
@@ -352,7 +355,16 @@ class SigningService:
             )
         with self._cpu_slots:
             raw = self._hsm.sign_digest(version.hsm_id, algorithm, digest)
-            signatures.check_signature(algorithm, version.public_key_der, digest, raw)
+            try:
+                signatures.check_signature(algorithm, version.public_key_der, digest, raw)
+            except Exception:  # the HSM signed, so the key was used: record it, though nothing is returned
+                subject = f"{digest.hex()} (not returned: the signature failed its check)"
+                self._log.append(
+                    SignatureRecord(
+                        caller.identity, "sign-digest", version.name, digest, subject, self._clock()
+                    )
+                )
+                raise
         self._log.append(
             SignatureRecord(caller.identity, "sign-digest", version.name, digest, digest.hex(), self._clock())
         )

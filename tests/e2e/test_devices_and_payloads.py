@@ -173,6 +173,19 @@ def test_payload_installs_on_the_device_model(kms_server: RunningKms) -> None:
     assert device.state() != before and device.floor == 5
     assert device.flash.slots[1][: len(image)] == image
 
+    # every HSM use of the payload is a key use recorded with the distribution server's identity
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{kms_server.state_dir / 'kms.db'}?mode=ro", uri=True)
+    rows = db.execute(
+        "SELECT caller, operation, key_version FROM signatures WHERE subject = ? ORDER BY id",
+        [f"{release}@{device_id}"],
+    ).fetchall()
+    db.close()
+    caller = "spiffe://kms.dev/distribution-server/dev"
+    assert [(c, op) for c, op, _ in rows] == [(caller, "sign-manifest"), (caller, "derive-payload-key")]
+    assert rows[0][2].startswith("keys/") and rows[1][2].startswith("keys/")
+
     other = _device(kms_server, "24:6f:28:00:01:01", secret)
     assert other.apply_update(payload).verdict is Verdict.WRONG_DEVICE
     stranger = _device(kms_server, device_id, os.urandom(32))

@@ -408,3 +408,19 @@ def test_any_sequence_of_requests_keeps_a_valid_key(
             assert record.actor == ALICE and record.at == now
         if purpose is KeyPurpose.OTA_MANIFEST:
             assert key.key.primary_version >= before.key.primary_version, "a manifest key moved back"
+
+
+@pytest.mark.parametrize("target", [DISABLED, SCHEDULED])
+def test_a_manifest_key_primary_leaving_is_told_to_rotate_not_to_move_back(target: KeyVersionState) -> None:
+    """The hint for a primary that cannot leave names only what the rules then accept."""
+    key = managed(ENABLED, ENABLED, ENABLED, primary=3, purpose=MANIFEST)
+    with pytest.raises(FailedPrecondition, match="moves forward only: rotate the key first") as refused:
+        lifecycle.transition(key, 3, target, ALICE, T0)
+    assert "(1, 2)" not in str(refused.value)
+    # a left-behind primary (data from before the rule) is pointed to the newer enabled versions only
+    behind = managed(ENABLED, ENABLED, ENABLED, primary=2, purpose=MANIFEST)
+    with pytest.raises(FailedPrecondition, match=r"make another enabled version \(3\) primary first"):
+        lifecycle.transition(behind, 2, target, ALICE, T0)
+    # other keys keep the general hint
+    with pytest.raises(FailedPrecondition, match=r"make another enabled version \(1, 2\) primary first"):
+        lifecycle.transition(managed(ENABLED, ENABLED, ENABLED, primary=3), 3, target, ALICE, T0)

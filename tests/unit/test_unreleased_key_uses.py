@@ -170,3 +170,30 @@ def test_the_key_uses_of_a_call_that_lost_the_race_are_recorded(env: Env, tmp_pa
     own, _, rest = subject.partition(" ")
     assert re.fullmatch("releases/[0-9a-f]{64}", own) and own != first[0].name, "its own (randomized) release"
     assert rest == f"(not released: {first[0].name} was)"
+
+
+class CorruptingHsm(HookedHsm):
+    """Signs, then returns a signature with one bit flipped (the service's check must catch it)."""
+
+    def sign_digest(self, hsm_id: bytes, algorithm: Algorithm, digest: bytes) -> bytes:
+        good = super().sign_digest(hsm_id, algorithm, digest)
+        return bytes([good[0] ^ 1]) + good[1:]
+
+
+def test_a_digest_signature_that_fails_its_check_is_still_a_recorded_key_use(env: Env) -> None:
+    from kms.domain.keys import HashAlgorithm
+    from kms.domain.signatures import SignatureEncoding
+
+    env.hsm = CorruptingHsm()
+    KeyAdministration(env.hsm, env.keys, lambda: T0).create_key(
+        "thermo-digest", PRODUCT, KeyPurpose.DIGEST_SIGNING, Algorithm.ECDSA_P256_SHA256, None
+    )
+    signing = env.signing_service(env.releases)
+    digest = hashlib.sha256(b"firmware").digest()
+    with pytest.raises(Exception, match="signature") as refused:
+        signing.sign_digest(
+            BUILDER, "keys/thermo-digest", digest, HashAlgorithm.SHA256, SignatureEncoding.RAW
+        )
+    assert not isinstance(refused.value, AssertionError)
+    assert _uses(env.log.records) == [(BUILDER.identity, "sign-digest", "keys/thermo-digest/versions/1")]
+    assert env.log.records[0].subject == f"{digest.hex()} (not returned: the signature failed its check)"
