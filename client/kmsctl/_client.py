@@ -26,7 +26,15 @@ from typing import Protocol, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from kmsapi.v1 import common_pb2, devices_pb2, keys_pb2, signing_pb2
+from kmsapi.v1 import (
+    common_pb2,
+    devices_pb2,
+    devices_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+)
 from kmsctl import _wire
 from kmsctl._files import AtomicFile, ImageInput, ImageSource
 from kmsctl._models import (
@@ -148,69 +156,19 @@ class KmsClient:
         self._timeout = timeout
         self._retries = retries or RetryPolicy()
         self._rng: random.Random = random.SystemRandom()
-        self._sign_image: grpc.StreamStreamMultiCallable[
-            signing_pb2.SignImageRequest, signing_pb2.SignImageResponse
-        ] = channel.stream_stream(
-            _wire.SIGN_IMAGE,
-            request_serializer=signing_pb2.SignImageRequest.SerializeToString,
-            response_deserializer=signing_pb2.SignImageResponse.FromString,
-        )
-        self._sign_digest: grpc.UnaryUnaryMultiCallable[
-            signing_pb2.SignDigestRequest, signing_pb2.SignDigestResponse
-        ] = channel.unary_unary(
-            _wire.SIGN_DIGEST,
-            request_serializer=signing_pb2.SignDigestRequest.SerializeToString,
-            response_deserializer=signing_pb2.SignDigestResponse.FromString,
-        )
-        self._get_public_key: grpc.UnaryUnaryMultiCallable[
-            keys_pb2.GetPublicKeyRequest, keys_pb2.PublicKey
-        ] = channel.unary_unary(
-            _wire.GET_PUBLIC_KEY,
-            request_serializer=keys_pb2.GetPublicKeyRequest.SerializeToString,
-            response_deserializer=keys_pb2.PublicKey.FromString,
-        )
-        self._list_keys: grpc.UnaryUnaryMultiCallable[keys_pb2.ListKeysRequest, keys_pb2.ListKeysResponse] = (
-            channel.unary_unary(
-                _wire.LIST_KEYS,
-                request_serializer=keys_pb2.ListKeysRequest.SerializeToString,
-                response_deserializer=keys_pb2.ListKeysResponse.FromString,
-            )
-        )
-        self._get_registration_key: grpc.UnaryUnaryMultiCallable[
-            devices_pb2.GetRegistrationKeyRequest, devices_pb2.RegistrationKey
-        ] = channel.unary_unary(
-            _wire.GET_REGISTRATION_KEY,
-            request_serializer=devices_pb2.GetRegistrationKeyRequest.SerializeToString,
-            response_deserializer=devices_pb2.RegistrationKey.FromString,
-        )
-        self._register_devices: grpc.StreamStreamMultiCallable[
-            devices_pb2.RegisterDevicesRequest, devices_pb2.RegisterDevicesResponse
-        ] = channel.stream_stream(
-            _wire.REGISTER_DEVICES,
-            request_serializer=devices_pb2.RegisterDevicesRequest.SerializeToString,
-            response_deserializer=devices_pb2.RegisterDevicesResponse.FromString,
-        )
-        self._get_device: grpc.UnaryUnaryMultiCallable[
-            devices_pb2.GetDeviceRequest, devices_pb2.DeviceInfo
-        ] = channel.unary_unary(
-            _wire.GET_DEVICE,
-            request_serializer=devices_pb2.GetDeviceRequest.SerializeToString,
-            response_deserializer=devices_pb2.DeviceInfo.FromString,
-        )
-        self._revoke_device: grpc.UnaryUnaryMultiCallable[
-            devices_pb2.RevokeDeviceRequest, devices_pb2.DeviceInfo
-        ] = channel.unary_unary(
-            _wire.REVOKE_DEVICE,
-            request_serializer=devices_pb2.RevokeDeviceRequest.SerializeToString,
-            response_deserializer=devices_pb2.DeviceInfo.FromString,
-        )
-        self._get_payload: grpc.UnaryStreamMultiCallable[
-            devices_pb2.GetPayloadRequest, devices_pb2.GetPayloadResponse
-        ] = channel.unary_stream(
-            _wire.GET_PAYLOAD,
-            request_serializer=devices_pb2.GetPayloadRequest.SerializeToString,
-            response_deserializer=devices_pb2.GetPayloadResponse.FromString,
-        )
+        # The generated, typed stubs (mypy-protobuf) name each RPC's path and (de)serializers.
+        signing = signing_pb2_grpc.SigningServiceStub(channel)
+        keys = keys_pb2_grpc.KeyServiceStub(channel)
+        registry = devices_pb2_grpc.DeviceRegistryServiceStub(channel)
+        self._sign_image = signing.SignImage
+        self._sign_digest = signing.SignDigest
+        self._get_public_key = keys.GetPublicKey
+        self._list_keys = keys.ListKeys
+        self._get_registration_key = registry.GetRegistrationKey
+        self._register_devices = registry.RegisterDevices
+        self._get_device = registry.GetDevice
+        self._revoke_device = registry.RevokeDevice
+        self._get_payload = devices_pb2_grpc.DistributionServiceStub(channel).GetPayload
 
     def close(self) -> None:
         self._channel.close()

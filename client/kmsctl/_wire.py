@@ -39,17 +39,6 @@ def method_path(file_descriptor: Any, service: str, method: str) -> str:
     return f"/{service_descriptor.full_name}/{service_descriptor.methods_by_name[method].name}"
 
 
-SIGN_IMAGE = method_path(signing_pb2.DESCRIPTOR, "SigningService", "SignImage")
-SIGN_DIGEST = method_path(signing_pb2.DESCRIPTOR, "SigningService", "SignDigest")
-GET_PUBLIC_KEY = method_path(keys_pb2.DESCRIPTOR, "KeyService", "GetPublicKey")
-LIST_KEYS = method_path(keys_pb2.DESCRIPTOR, "KeyService", "ListKeys")
-GET_REGISTRATION_KEY = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "GetRegistrationKey")
-REGISTER_DEVICES = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "RegisterDevices")
-GET_DEVICE = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "GetDevice")
-REVOKE_DEVICE = method_path(devices_pb2.DESCRIPTOR, "DeviceRegistryService", "RevokeDevice")
-GET_PAYLOAD = method_path(devices_pb2.DESCRIPTOR, "DistributionService", "GetPayload")
-
-
 def crc32c(data: bytes) -> int:
     """CRC32C (Castagnoli) as Google Cloud KMS and this API use it."""
     return int(google_crc32c.value(data))

@@ -124,16 +124,29 @@ def _load_ca(pki_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificat
     return key, x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
 
 
-def _issue_officers(pki_dir: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:
-    """Issue the ``DEV_OFFICERS`` certificates that do not exist yet."""
-    for name in DEV_OFFICERS:
-        stem = f"{Role.SECURITY_OFFICER.value}-{name}"
-        if (pki_dir / "clients" / f"{stem}.pem").exists():
-            continue
-        uri = x509.UniformResourceIdentifier(spiffe_id(Role.SECURITY_OFFICER, name))
+def issue_dev_client(
+    pki_dir: Path,
+    role: Role,
+    name: str,
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
+) -> str:
+    """Issue ``clients/ROLE-NAME.{pem,key}`` (identity ``spiffe://kms.dev/ROLE/NAME``) with the development
+    CA (``ca``, else read from ``pki_dir``) unless it exists; return the file stem, the ``--identity`` that
+    picks it. For extra identities: more officers, a second factory station, tests."""
+    stem = f"{role.value}-{name}"
+    if not (pki_dir / "clients" / f"{stem}.pem").exists():
+        ca_key, ca_cert = ca or _load_ca(pki_dir)
+        uri = x509.UniformResourceIdentifier(spiffe_id(role, name))
         key, cert = issue(ca_key, ca_cert, stem, [uri], server=False)
         _write_private(pki_dir / "clients" / f"{stem}.key", key)
         _write_cert(pki_dir / "clients" / f"{stem}.pem", cert)
+    return stem
+
+
+def _issue_officers(pki_dir: Path, ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> None:
+    """Issue the ``DEV_OFFICERS`` certificates that do not exist yet."""
+    for name in DEV_OFFICERS:
+        issue_dev_client(pki_dir, Role.SECURITY_OFFICER, name, ca)
 
 
 def create_dev_pki(pki_dir: Path) -> None:
@@ -141,7 +154,7 @@ def create_dev_pki(pki_dir: Path) -> None:
     extra officers existed gets them."""
     if (pki_dir / "ca.pem").exists():
         if (pki_dir / "ca.key").exists():
-            _issue_officers(pki_dir, *_load_ca(pki_dir))
+            _issue_officers(pki_dir, _load_ca(pki_dir))
         return
     (pki_dir / "clients").mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca()
@@ -159,6 +172,6 @@ def create_dev_pki(pki_dir: Path) -> None:
         )
         _write_private(pki_dir / "clients" / f"{role.value}.key", key)
         _write_cert(pki_dir / "clients" / f"{role.value}.pem", cert)
-    _issue_officers(pki_dir, ca_key, ca_cert)
+    _issue_officers(pki_dir, (ca_key, ca_cert))
     _write_private(pki_dir / "ca.key", ca_key)
     _write_cert(pki_dir / "ca.pem", ca_cert)  # written last: its presence marks a complete PKI

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from kms.server.pki import issue
+from kms.domain.identity import Role
+from kms.server.pki import issue_dev_client
 from kmsapi.v1 import (
     approvals_pb2,
     approvals_pb2_grpc,
@@ -54,18 +53,7 @@ REGISTER_DEVICES = "/kmsapi.v1.DeviceRegistryService/RegisterDevices"
 
 def _issue_line_2(state: Path) -> None:
     """A client certificate for a second factory station, issued by the dev CA."""
-    pki = state / "pki"
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    uri = x509.UniformResourceIdentifier(LINE_2_IDENTITY)
-    key, cert = issue(ca_key, ca_cert, "factory-registrar line-2", [uri], server=False)
-    (pki / "clients" / f"{LINE_2}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    (pki / "clients" / f"{LINE_2}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    assert issue_dev_client(state / "pki", Role.FACTORY_REGISTRAR, "line-2") == LINE_2
 
 
 @pytest.fixture(scope="module")

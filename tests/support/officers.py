@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from kms.server.pki import issue
+from kms.domain.identity import Role
+from kms.server.pki import issue_dev_client
 from kmsapi.v1 import approvals_pb2, approvals_pb2_grpc
 from tests.support.kms_server import RunningKms
 
@@ -26,24 +24,8 @@ OFFICERS = ("alice", "bob", "carol")
 
 def issue_officers(state_dir: Path, names: Sequence[str] = OFFICERS) -> None:
     """Issue a client certificate for each officer NAME that has none yet."""
-    pki = state_dir / "pki"
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     for name in names:
-        stem = pki / "clients" / f"security-officer-{name}"
-        if stem.with_suffix(".pem").exists():
-            continue
-        uri = x509.UniformResourceIdentifier(f"spiffe://kms.dev/security-officer/{name}")
-        key, cert = issue(ca_key, ca_cert, f"security-officer {name}", [uri], server=False)
-        stem.with_suffix(".key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        stem.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        issue_dev_client(state_dir / "pki", Role.SECURITY_OFFICER, name)
 
 
 def officer_channel(server: RunningKms, identity: str) -> grpc.Channel:
